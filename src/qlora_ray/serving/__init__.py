@@ -1,0 +1,31 @@
+"""Ray Serve application: `serve run serve.app` (see serve/__init__.py and serve/config.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+from ray.serve import Application
+
+from qlora_ray.serving.adapters import AdapterModel
+from qlora_ray.serving.api import Api
+from qlora_ray.serving.settings import ServeSettings
+
+
+def build_app(args: dict | None = None) -> Application:
+    """The application; `args` are ServeSettings fields (a Serve config file's `args`)."""
+    settings = ServeSettings.load(args)
+    # Replicas run elsewhere (other processes, maybe other nodes): never a cwd-relative path.
+    settings.registry = str(Path(settings.registry).expanduser().resolve())
+    num_gpus = settings.num_gpus
+    if num_gpus is None:  # serve run has connected to Ray before it imports the app
+        num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    model = AdapterModel.options(
+        num_replicas=settings.num_replicas,
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=4 * settings.max_batch_size,
+    ).bind(settings)
+    return Api.bind(model, settings)
+
+
+__all__ = ["build_app", "ServeSettings"]

@@ -1,0 +1,207 @@
+"""A sweep from start to registry: check inputs, start Ray, tune, publish the winners."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from qlora_ray import search
+from qlora_ray.config import Config, ConfigError
+from qlora_ray.data import TokenizedData, load_raw, tokenize
+from qlora_ray.model import Architecture, inspect_architecture, load_tokenizer, resolve_model_path
+from qlora_ray.registry import Candidate, Registry, RegistryError, make_adapter_id
+from qlora_ray.trial import TRIAL_INFO, evaluate_base, run_trial
+
+
+@dataclass
+class Prepared:
+    """Everything a sweep needs, checked before Ray starts."""
+
+    config: Config
+    model_path: str
+    architecture: Architecture
+    data: TokenizedData
+    name: str  # experiment name, new or resumed
+
+
+def prepare(config: Config, *, resume: bool = False) -> Prepared:
+    """All the checks that depend on the model or data. Raises ConfigError on bad input."""
+    if resume:
+        name = latest_experiment(config)
+    else:
+        name = time.strftime("sweep-%Y%m%d-%H%M%S")
+    raw = load_raw(config.data)  # first: a bad file or column fails before any model build
+    model_path = resolve_model_path(config.model)
+    architecture = inspect_architecture(model_path, config.model)
+    for choice in config.search.target_modules:
+        architecture.resolve_targets(choice)
+    try:
+        Registry(config.registry_dir).check_base(model_path)
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
+    tokenizer = load_tokenizer(model_path, config.model)
+    data = tokenize(raw, tokenizer, config.data)
+    return Prepared(config, model_path, architecture, data, name)
+
+
+def latest_experiment(config: Config) -> str:
+    runs = sorted(p.name for p in config.tune_dir.glob("sweep-*") if tune.Tuner.can_restore(str(p)))
+    if not runs:
+        raise ConfigError(f"--resume: no sweep to resume in {config.tune_dir}")
+    return runs[-1]
+
+
+def run(prepared: Prepared, *, address: str | None = None) -> dict:
+    config, s = prepared.config, prepared.config.search
+    context = ray.init(address=address, include_dashboard=True, log_to_driver=True)
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}  (trials appear under Jobs and Actors)")
+    cluster = ray.cluster_resources()
+    resources = search.trial_resources(s, cluster)
+    concurrency = search.max_concurrency(s, resources, cluster)
+    print(f"Sweep {prepared.name}: {s.num_samples} trials, {resources} each, up to {concurrency} at once; "
+          f"optimizing {s.metric} ({s.mode})")
+
+    sweep_dir = Path(config.output_dir).resolve() / "sweeps" / prepared.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    data_ref = ray.put(prepared.data)
+    base_file = sweep_dir / "base_metrics.json"
+    base_task = None
+    if not base_file.is_file():
+        # Runs beside the first trials; on a GPU cluster it takes a GPU like a trial.
+        base_task = ray.remote(evaluate_base).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"]).remote(
+            config=config, data=data_ref, model_path=prepared.model_path
+        )
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, config=config, data=prepared.data, model_path=prepared.model_path),
+        resources,
+    )
+    storage = str(config.tune_dir)
+    if (config.tune_dir / prepared.name).is_dir() and tune.Tuner.can_restore(str(config.tune_dir / prepared.name)):
+        print(f"Resuming {config.tune_dir / prepared.name}")
+        tuner = tune.Tuner.restore(str(config.tune_dir / prepared.name), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search.param_space(s),
+            tune_config=tune.TuneConfig(
+                metric=s.metric,
+                mode=s.mode,
+                search_alg=search.searcher(config, concurrency),
+                scheduler=search.scheduler(config),
+                num_samples=s.num_samples,
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=prepared.name,
+                storage_path=storage,
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
+                ),
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                progress_reporter=search.progress_reporter(config),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    if base_task is not None:
+        base_file.write_text(json.dumps(ray.get(base_task), indent=2))
+    base_metrics = json.loads(base_file.read_text())
+
+    rows = _collect(results, config)
+    ranked = sorted((r for r in rows if r["best"]), key=lambda r: r["best"][s.metric], reverse=s.mode == "max")
+    registry = Registry(config.registry_dir)
+    task = {"prefix": config.data.prefix, "max_source_length": config.data.max_source_length,
+            "max_target_length": config.data.max_target_length}
+    published = []
+    for row in ranked[: s.top_k]:
+        with row["checkpoint"].as_directory() as ckpt_dir:  # a local copy if storage is remote
+            info = json.loads((Path(ckpt_dir) / TRIAL_INFO).read_text())
+            candidate = Candidate(
+                adapter_id=make_adapter_id(prepared.name, row["trial_id"]),
+                source_dir=Path(ckpt_dir),
+                metrics=info["metrics"],
+                hyperparameters=info["hyperparameters"],
+                trial_id=row["trial_id"],
+                step=info["metrics"]["step"],
+            )
+            published += registry.publish([candidate], base_model=prepared.model_path, base_metrics=base_metrics,
+                                          task=task, metric=s.metric, mode=s.mode, sweep=prepared.name)
+    summary = {
+        "sweep": prepared.name,
+        "wall_s": round(time.time() - started, 1),
+        "trials": len(rows),
+        "completed": sum(r["status"] == "completed" for r in rows),
+        "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+        "errored": sum(r["status"] == "error" for r in rows),
+        "base_metrics": base_metrics,
+        "leaderboard": [{k: v for k, v in r.items() if k != "checkpoint"} for r in ranked],
+        "published": published,
+        "registry": str(config.registry_dir),
+    }
+    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(leaderboard(summary, config, registry.read()))
+    return summary
+
+
+def _collect(results, config: Config) -> list[dict]:
+    s = config.search
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        checkpoint = result.get_best_checkpoint(s.metric, s.mode) if result.best_checkpoints else None
+        best = None
+        if result.best_checkpoints:
+            best = max((m for _, m in result.best_checkpoints),
+                       key=lambda m: m[s.metric] if s.mode == "max" else -m[s.metric])
+        evals = metrics.get("training_iteration", 0)
+        if result.error:
+            status = "error"
+        elif evals < config.train.num_evals:
+            status = "stopped early"
+        else:
+            status = "completed"
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-"),
+            "hyperparameters": result.config,
+            "status": status,
+            "evals": evals,
+            "best": {k: best[k] for k in ("rougeL", "rouge1", "rouge2", "eval_loss", "step") if k in best}
+            if best else None,
+            "checkpoint": checkpoint,
+            "error": str(result.error).splitlines()[0] if result.error else None,
+        })
+    return rows
+
+
+def leaderboard(summary: dict, config: Config, index: dict) -> str:
+    published = set(summary["published"])
+    header = f"{'#':>2}  {'trial':<10} {'r':>3} {'alpha':>5} {'lr':>9} {'targets':<11} {'evals':>5} " \
+             f"{'status':<13} {'rougeL':>7} {'rouge1':>7} {'rouge2':>7} {'loss':>7}"
+    lines = ["", f"Leaderboard ({config.search.metric}, {config.search.mode}) — {summary['sweep']}", header,
+             "-" * len(header)]
+    for i, row in enumerate(summary["leaderboard"], 1):
+        hp, m = row["hyperparameters"], row["best"]
+        mark = "*" if make_adapter_id(summary["sweep"], row["trial_id"]) in published else " "
+        lines.append(
+            f"{i:>2}{mark} {row['trial_id']:<10} {hp['r']:>3} {hp['lora_alpha']:>5} {hp['learning_rate']:>9.2e} "
+            f"{hp['target_modules']:<11} {row['evals']:>5} {row['status']:<13} {m['rougeL']:>7.4f} "
+            f"{m['rouge1']:>7.4f} {m['rouge2']:>7.4f} {m['eval_loss']:>7.4f}"
+        )
+    b = summary["base_metrics"]
+    lines.append(f"{'':>3} {'base model':<52} {'':<13} {b['rougeL']:>7.4f} {b['rouge1']:>7.4f} "
+                 f"{b['rouge2']:>7.4f} {b['eval_loss']:>7.4f}")
+    lines.append(
+        f"\n{summary['trials']} trials in {summary['wall_s']:.0f} s: {summary['completed']} completed, "
+        f"{summary['stopped_early']} stopped early by ASHA, {summary['errored']} errored."
+    )
+    lines.append(f"* published to the registry: {summary['registry']} (default: {index.get('default')})")
+    lines.append("Serve them with: serve run serve.app   (QLORA_RAY_REGISTRY=" + summary["registry"] + ")")
+    return "\n".join(lines)
