@@ -54,8 +54,14 @@ class AdapterModel:
         self.model: PeftModel | torch.nn.Module = load_base_model(index["base_model"], ModelSettings())
         self.model.eval()
         self._lock = threading.Lock()  # adapters are added/removed/used from worker threads
+        # The bound comes from settings, so decorate at run time; Serve caches its LRU
+        # wrapper on the decorated object, which must be a plain function, not a method.
+        async def load_adapter(adapter_id: str) -> LoadedAdapter:
+            await asyncio.to_thread(self._load, adapter_id)
+            return LoadedAdapter(self, adapter_id)
+
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)(
-            self._load_adapter_async
+            load_adapter
         )
         self._generate_batch.set_max_batch_size(settings.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -93,10 +99,6 @@ class AdapterModel:
             self.tokenizer.decode(out[i, 1 : 1 + r.max_new_tokens], skip_special_tokens=True).strip()
             for i, r in enumerate(rows)
         ]
-
-    async def _load_adapter_async(self, adapter_id: str) -> LoadedAdapter:
-        await asyncio.to_thread(self._load, adapter_id)
-        return LoadedAdapter(self, adapter_id)
 
     def _load(self, adapter_id: str) -> None:
         with self._lock:

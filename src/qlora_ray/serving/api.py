@@ -7,12 +7,13 @@
 Every error is a 4xx/5xx JSON body {"error": "..."}.
 """
 
-from __future__ import annotations
+
+import json
+import logging
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException
 from qlora_ray.registry import Registry, RegistryError, UnknownAdapter, check_adapter_id
 from qlora_ray.serving.settings import ServeSettings
 
+logger = logging.getLogger("ray.serve")
 api = FastAPI(title="qlora-ray", description="Summaries from LoRA adapters on one shared 4-bit base.")
 
 
@@ -35,16 +37,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = exc.errors()
-    if any(p.get("type") == "json_invalid" for p in problems):
-        return _error(400, "request body is not valid JSON")
+def _validation_message(exc: ValidationError) -> str:
     parts = []
-    for p in problems:
-        where = ".".join(str(x) for x in p.get("loc", ()) if x != "body")
+    for p in exc.errors():
+        where = ".".join(str(x) for x in p.get("loc", ()))
         parts.append(f"{where or 'body'}: {p.get('msg')}")
-    return _error(422, "; ".join(parts))
+    return "; ".join(parts)
 
 
 @api.exception_handler(HTTPException)
@@ -76,7 +74,14 @@ class Api:
         }
 
     @api.post("/v1/summarize")
-    async def summarize(self, body: SummarizeRequest) -> JSONResponse:
+    async def summarize(self, request: Request) -> JSONResponse:
+        # Parsed here rather than by FastAPI: any content type, and our own error messages.
+        try:
+            body = SummarizeRequest.model_validate(json.loads(await request.body()))
+        except json.JSONDecodeError:
+            return _error(400, "request body is not valid JSON")
+        except ValidationError as e:
+            return _error(422, _validation_message(e))
         s = self.settings
         texts = [body.text] if isinstance(body.text, str) else body.text
         if not texts:
@@ -104,5 +109,9 @@ class Api:
         except RegistryError as e:
             return _error(400, str(e))
 
-        summaries = await self.model.options(multiplexed_model_id=adapter).summarize.remote(texts, max_new)
+        try:
+            summaries = await self.model.options(multiplexed_model_id=adapter).summarize.remote(texts, max_new)
+        except Exception as e:  # the replica failed: report it, keep serving
+            logger.exception("summarize failed for adapter %s", adapter)
+            return _error(500, f"generation failed: {type(e).__name__}")
         return JSONResponse({"adapter": adapter, "summary": summaries[0] if isinstance(body.text, str) else summaries})
