@@ -1,0 +1,63 @@
+"""A real sweep (session fixture `sweep`): Ray Tune + Optuna + ASHA on 4-bit tiny T5 trials."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def test_sweep_runs_trials_and_reports_every_evaluation(sweep):
+    summary = sweep["summary"]
+    assert summary["trials"] == 4 and summary["errored"] == 0
+    assert summary["completed"] + summary["stopped_early"] == 4
+    for row in summary["leaderboard"]:
+        assert row["status"] in ("completed", "stopped early")
+        assert row["evals"] == 4 if row["status"] == "completed" else 1 <= row["evals"] < 4
+        assert 0.0 <= row["best"]["rougeL"] <= 1.0 and row["best"]["eval_loss"] > 0
+        assert row["hyperparameters"]["r"] in (4, 16)
+        assert row["hyperparameters"]["target_modules"] in ("qv", "all-linear")
+    # Tune's own record of every trial: one result row per evaluation, live-reported.
+    experiment = next((sweep["out"] / "tune").glob("sweep-*"))
+    for trial_dir in experiment.glob("trial-*"):
+        rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [10 * (i + 1) for i in range(len(rows))]
+        assert all({"rougeL", "rouge1", "rouge2", "eval_loss"} <= r.keys() for r in rows)
+
+
+def test_cli_prints_dashboard_table_and_leaderboard(sweep):
+    out = sweep["proc"].stdout
+    assert "Ray dashboard: http://" in out
+    assert "Leaderboard (rougeL, max)" in out and "base model" in out
+    assert str(sweep["out"] / "registry") in out
+
+
+def test_registry_holds_top_k_adapters_only(sweep):
+    index, registry = sweep["index"], sweep["out"] / "registry"
+    assert len(index["adapters"]) == 3
+    assert index["default"] == index["adapters"][0]["id"]
+    rouge = [a["metrics"]["rougeL"] for a in index["adapters"]]
+    assert rouge == sorted(rouge, reverse=True)
+    assert rouge[0] == max(r["best"]["rougeL"] for r in sweep["summary"]["leaderboard"])
+    assert set(index["base_metrics"]) >= {"rougeL", "rouge1", "rouge2", "eval_loss"}
+    assert Path(index["base_model"]).is_dir()
+    for entry in index["adapters"]:
+        files = sorted(p.name for p in (registry / entry["id"]).iterdir())
+        assert files == ["adapter_config.json", "adapter_model.safetensors", "qlora_ray.json"]
+        config = json.loads((registry / entry["id"] / "adapter_config.json").read_text())
+        assert config["r"] == entry["hyperparameters"]["r"] and config["modules_to_save"] == ["lm_head"]
+        with safe_open(str(registry / entry["id"] / "adapter_model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        # adapter weights and the saved lm_head only: never a copy of the base
+        assert keys and all("lora_" in k or "lm_head" in k for k in keys)
+
+
+def test_resume_finishes_without_rerunning(sweep):
+    from tests.conftest import run_cli
+
+    proc = run_cli(*sweep["args"], "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summaries = list((sweep["out"] / "sweeps").glob("*/summary.json"))
+    assert len(summaries) == 1  # the same sweep, not a new one
+    assert json.loads(summaries[0].read_text())["trials"] == 4
