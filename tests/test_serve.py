@@ -34,7 +34,7 @@ def server(sweep):
             try:
                 if requests.get(f"{URL}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still starting
                 pass
             time.sleep(2)
         else:
