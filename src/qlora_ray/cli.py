@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qlora_ray.config import DEFAULT_PRESET, ConfigError, available_presets, load_config
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.preset, args.config, overrides_from(args))
         # Heavy imports (torch, transformers, ray) only once the cheap checks passed.
+        # Tune's classic live table (CLIReporter) shows our parameter and metric columns.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         from qlora_ray import sweep
 
         prepared = sweep.prepare(config, resume=args.resume)

@@ -18,6 +18,7 @@ from ray import tune
 from safetensors.torch import load_file
 from transformers import (
     DataCollatorForSeq2Seq,
+    PrinterCallback,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     TrainerCallback,
@@ -121,7 +122,7 @@ def _trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: st
         label_names=["labels"],
     )
     train_ds, eval_ds = data.datasets()
-    return Seq2SeqTrainer(
+    trainer = Seq2SeqTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -130,6 +131,8 @@ def _trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: st
         processing_class=tokenizer,
         compute_metrics=seq2seq_rouge(tokenizer),
     )
+    trainer.remove_callback(PrinterCallback)  # Tune's table reports progress; raw log dicts are noise
+    return trainer
 
 
 def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
