@@ -24,7 +24,7 @@ SOURCES = [
 
 @pytest.fixture(scope="module")
 def server(sweep):
-    env = dict(os.environ, QLORA_RAY_REGISTRY=str(sweep["out"] / "registry"), QLORA_RAY_MAX_ADAPTERS="2")
+    env = dict(os.environ, QLORA_RAY_REGISTRY=str(sweep["out"] / "registry"), QLORA_RAY_MAX_ADAPTERS_PER_REPLICA="2")
     proc = subprocess.Popen(["serve", "run", "serve.app"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
