@@ -61,3 +61,51 @@ def test_resume_finishes_without_rerunning(sweep):
     summaries = list((sweep["out"] / "sweeps").glob("*/summary.json"))
     assert len(summaries) == 1  # the same sweep, not a new one
     assert json.loads(summaries[0].read_text())["trials"] == 4
+
+
+def _trial_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_crashed_trial_loses_nothing_else(custom_jsonl, tmp_path):
+    """SIGKILL one running trial (no retries): the sweep finishes and publishes the others."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import TUNE
+
+    config = tmp_path / "no-retries.yaml"
+    config.write_text("search:\n  max_failures: 0\n")
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [*TUNE, "--config", str(config), "--dataset", str(custom_jsonl), "--text-column", "source_code",
+         "--summary-column", "doc", "--output-dir", str(out), "--num-samples", "3", "--max-steps", "30",
+         "--eval-every", "10", "--eval-size", "16", "--train-size", "300", "--max-concurrent-trials", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        # Kill the first trial once it has reported (so it has a checkpoint) and is training on.
+        if list(out.glob("tune/sweep-*/trial-*/checkpoint_000000")) and _trial_pids():
+            killed = _trial_pids()[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    output, _ = proc.communicate(timeout=600)
+    assert killed is not None, output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads(next((out / "sweeps").glob("*/summary.json")).read_text())
+    assert summary["trials"] == 3 and summary["errored"] == 1, summary
+    assert summary["completed"] + summary["stopped_early"] == 2
+    index = json.loads((out / "registry" / "index.json").read_text())
+    assert len(index["adapters"]) >= 2
+    assert "1 errored" in output

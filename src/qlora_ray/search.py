@@ -71,8 +71,6 @@ def progress_reporter(config: Config) -> tune.CLIReporter:
     return tune.CLIReporter(
         parameter_columns=PARAMETER_COLUMNS,
         metric_columns=METRIC_COLUMNS,
-        metric=config.search.metric,
-        mode=config.search.mode,
-        sort_by_metric=True,
+        sort_by_metric=True,  # metric and mode come from TuneConfig
         max_report_frequency=15,
     )

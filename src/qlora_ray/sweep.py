@@ -143,6 +143,7 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         "errored": sum(r["status"] == "error" for r in rows),
         "base_metrics": base_metrics,
         "leaderboard": [{k: v for k, v in r.items() if k != "checkpoint"} for r in ranked],
+        "failed": [{k: r[k] for k in ("trial_id", "hyperparameters", "error")} for r in rows if not r["best"]],
         "published": published,
         "registry": str(config.registry_dir),
     }
@@ -195,6 +196,8 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
             f"{hp['target_modules']:<11} {row['evals']:>5} {row['status']:<13} {m['rougeL']:>7.4f} "
             f"{m['rouge1']:>7.4f} {m['rouge2']:>7.4f} {m['eval_loss']:>7.4f}"
         )
+    for row in summary["failed"]:
+        lines.append(f"   {row['trial_id']:<10} failed before its first evaluation: {row['error']}")
     b = summary["base_metrics"]
     lines.append(f"{'':>3} {'base model':<52} {'':<13} {b['rougeL']:>7.4f} {b['rouge1']:>7.4f} "
                  f"{b['rouge2']:>7.4f} {b['eval_loss']:>7.4f}")
