@@ -356,31 +356,48 @@ def span_corrupt(tokens: list[int], rng: Any, sentinel_ids: list[int], eos_id: i
     return inputs + [eos_id], targets + [eos_id]
 
 
-def _pretrain_examples(
-    docs: list[str], tokenizer: Any, chunk_len: int, seed: int
-) -> tuple[Any, Any]:
-    """Shuffle documents, pack their tokens (each + eos) into `chunk_len` chunks, corrupt spans.
+def prefix_lm(tokens: list[int], rng: Any, sentinel_id: int, eos_id: int) -> tuple[list[int], list[int]]:
+    """UL2's S-denoiser: the input is a prefix (1/4..3/4 of the chunk), the target the rest."""
+    n = len(tokens)
+    k = int(rng.integers(n // 4, 3 * n // 4 + 1))
+    return tokens[:k] + [sentinel_id, eos_id], [sentinel_id] + tokens[k:] + [eos_id]
+
+
+def _pad(rows: list[list[int]], value: int) -> Any:
+    import torch
+
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def _pretrain_batches(
+    docs: list[str], tokenizer: Any, chunk_len: int, batch_size: int, prefix_lm_fraction: float, seed: int
+) -> list[tuple[Any, Any]]:
+    """Shuffle documents, pack their tokens (each + eos) into `chunk_len` chunks, and turn each
+    batch of chunks into (input_ids, labels) for span corruption or, for a `prefix_lm_fraction`
+    of the batches, prefix LM. Batches are homogeneous so that little compute goes to padding.
 
     Shuffling keeps each text away from its own summary, so pretraining never sees the
     code -> docstring pairing that fine-tuning is meant to learn.
     """
     import numpy as np
-    import torch
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(docs))
-    backend = tokenizer.backend_tokenizer
-    encoded = backend.encode_batch([docs[i] for i in order], add_special_tokens=False)
-    eos = tokenizer.eos_token_id
+    encoded = tokenizer.backend_tokenizer.encode_batch([docs[i] for i in order], add_special_tokens=False)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     stream = [t for e in encoded for t in (*e.ids, eos)]
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
-    inputs, targets = [], []
-    for start in range(0, len(stream) - chunk_len + 1, chunk_len):
-        x, y = span_corrupt(stream[start : start + chunk_len], rng, sentinels, eos)
-        inputs.append(x)
-        targets.append(y)
-    # Fixed chunk length -> fixed input/target lengths: no padding needed.
-    return torch.tensor(inputs), torch.tensor(targets)
+    chunks = [stream[i : i + chunk_len] for i in range(0, len(stream) - chunk_len + 1, chunk_len)]
+    batches = []
+    for b in range(0, len(chunks) - batch_size + 1, batch_size):
+        use_prefix_lm = rng.random() < prefix_lm_fraction
+        pairs = [
+            prefix_lm(c, rng, sentinels[0], eos) if use_prefix_lm else span_corrupt(c, rng, sentinels, eos)
+            for c in chunks[b : b + batch_size]
+        ]
+        batches.append((_pad([x for x, _ in pairs], pad), _pad([y for _, y in pairs], -100)))
+    return batches
 
 
 def build_tiny_t5(
@@ -393,6 +410,7 @@ def build_tiny_t5(
     chunk_len: int = 128,
     learning_rate: float = 2e-3,
     summary_repeats: int = 4,
+    prefix_lm_fraction: float = 0.0,
     pretrain_seconds_budget: float | None = 120.0,
     seed: int = 0,
     progress: bool = True,
@@ -429,7 +447,7 @@ def build_tiny_t5(
             # Summaries are ~1/8 of the tokens; repeating them (with fresh noise each time)
             # gives the decoder enough docstring-style English to build on.
             docs = texts + summaries * summary_repeats
-            inputs, targets = _pretrain_examples(docs, tokenizer, chunk_len, seed)
+            batches = _pretrain_batches(docs, tokenizer, chunk_len, batch_size, prefix_lm_fraction, seed)
 
             torch.manual_seed(seed)
             config = T5Config(
@@ -447,10 +465,9 @@ def build_tiny_t5(
             _log(
                 progress,
                 f"pretraining tiny T5 ({n_params / 1e6:.1f}M params) with span corruption: "
-                f"{pretrain_steps} steps x {batch_size} x {chunk_len} tokens ({len(inputs)} chunks)",
+                f"{pretrain_steps} steps x {batch_size} x {chunk_len} tokens ({len(batches)} batches/epoch)",
             )
-            _pretrain(model, inputs, targets, pretrain_steps, batch_size, learning_rate,
-                      pretrain_seconds_budget, seed, progress)
+            _pretrain(model, batches, pretrain_steps, learning_rate, pretrain_seconds_budget, seed, progress)
         finally:
             torch.set_num_threads(threads)
 
@@ -475,10 +492,8 @@ def build_tiny_t5(
 
 def _pretrain(
     model: Any,
-    inputs: Any,
-    targets: Any,
+    batches: list[tuple[Any, Any]],
     steps: int,
-    batch_size: int,
     lr: float,
     seconds_budget: float | None,
     seed: int,
@@ -486,6 +501,9 @@ def _pretrain(
 ) -> None:
     import torch
 
+    # bf16 autocast is ~1.5x faster where the CPU has native bf16 (weights stay fp32).
+    is_bf16_cpu = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    bf16 = bool(is_bf16_cpu()) if os.environ.get("QLORA_RAY_PRETRAIN_BF16", "1") != "0" else False
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -497,16 +515,16 @@ def _pretrain(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
-    perm, cursor = torch.randperm(len(inputs), generator=gen), 0
+    order: list[int] = []
     t0 = time.monotonic()
     log_every = max(1, steps // 10)
     losses: list[float] = []
     for step in range(steps):
-        if cursor + batch_size > len(inputs):  # next epoch: reshuffle
-            perm, cursor = torch.randperm(len(inputs), generator=gen), 0
-        idx = perm[cursor : cursor + batch_size]
-        cursor += batch_size
-        loss = model(input_ids=inputs[idx], labels=targets[idx]).loss
+        if not order:  # a new epoch, in a new order
+            order = torch.randperm(len(batches), generator=gen).tolist()
+        input_ids, labels = batches[order.pop()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=input_ids, attention_mask=input_ids.ne(0), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -8,14 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import yaml
 from ray import tune
 
 from qlora_ray import search
-from qlora_ray.config import Config, ConfigError
+from qlora_ray.config import Config, ConfigError, merge
 from qlora_ray.data import TokenizedData, load_raw, tokenize
 from qlora_ray.model import Architecture, inspect_architecture, load_tokenizer, resolve_model_path
 from qlora_ray.registry import Candidate, Registry, RegistryError, make_adapter_id
 from qlora_ray.trial import TRIAL_INFO, evaluate_base, run_trial
+
+SWEEP_CONFIG = "config.yaml"  # the settings a sweep ran with, for --resume
 
 
 @dataclass
@@ -33,6 +36,10 @@ def prepare(config: Config, *, resume: bool = False) -> Prepared:
     """All the checks that depend on the model or data. Raises ConfigError on bad input."""
     if resume:
         name = latest_experiment(config)
+        saved = sweep_dir(config, name) / SWEEP_CONFIG
+        if saved.is_file():  # the sweep's own settings, so its trials keep their data and model
+            config = merge(Config(), yaml.safe_load(saved.read_text()), str(saved))
+            print(f"Resuming {name} with its saved settings ({saved})")
     else:
         name = time.strftime("sweep-%Y%m%d-%H%M%S")
     raw = load_raw(config.data)  # first: a bad file or column fails before any model build
@@ -47,6 +54,10 @@ def prepare(config: Config, *, resume: bool = False) -> Prepared:
     tokenizer = load_tokenizer(model_path, config.model)
     data = tokenize(raw, tokenizer, config.data)
     return Prepared(config, model_path, architecture, data, name)
+
+
+def sweep_dir(config: Config, name: str) -> Path:
+    return Path(config.output_dir).resolve() / "sweeps" / name
 
 
 def latest_experiment(config: Config) -> str:
@@ -67,11 +78,13 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
     print(f"Sweep {prepared.name}: {s.num_samples} trials, {resources} each, up to {concurrency} at once; "
           f"optimizing {s.metric} ({s.mode})")
 
-    sweep_dir = Path(config.output_dir).resolve() / "sweeps" / prepared.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    record_dir = sweep_dir(config, prepared.name)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    saved = config.to_dict() | {"output_dir": str(Path(config.output_dir).resolve())}
+    (record_dir / SWEEP_CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
     started = time.time()
     data_ref = ray.put(prepared.data)
-    base_file = sweep_dir / "base_metrics.json"
+    base_file = record_dir / "base_metrics.json"
     base_task = None
     if not base_file.is_file():
         # Runs beside the first trials; on a GPU cluster it takes a GPU like a trial.
@@ -147,7 +160,7 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         "published": published,
         "registry": str(config.registry_dir),
     }
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (record_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(leaderboard(summary, config, registry.read()))
     return summary
 
