@@ -67,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name (default {DEFAULT_PRESET})")
     p.add_argument("--config", help="YAML file with model/data/lora/train/search sections")
     p.add_argument("--output-dir", help="where runs, sweeps and the registry go (default ./runs)")
-    p.add_argument("--resume", action="store_true", help="finish the latest sweep in --output-dir, with the settings it started with")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the latest sweep in --output-dir, with the settings it started with")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
 
     g = p.add_argument_group("model and data")
