@@ -2,7 +2,10 @@
 # A short sweep and Serve round trip on a GPU machine (run through the device tool, see
 # ../shared/device/README.md): checks that trials take {"gpu": 1} automatically, train with
 # bf16 compute and paged_adamw_8bit, and that the Serve replica answers from the GPU.
-# Writes the logs under ${OUT:-./bench/results/gpu_smoke}.
+# Writes the logs under ${OUT:-./bench/results/gpu_smoke}. Bundle (Serve needs a grpcio-reflection
+# that matches the image's grpcio 1.84):
+#   ../shared/device/make_bundle.sh "ray[tune,serve]==2.60.0" bitsandbytes==0.50.2 peft==0.21.2 trl==1.16.0 \
+#     datasets==5.2.0 optuna==5.0.0 evaluate==0.4.6 rouge-score==0.1.2 nltk absl-py grpcio-reflection==1.84.0
 set -uo pipefail
 out="${OUT:-bench/results/gpu_smoke}"; mkdir -p "$out"
 export QLORA_RAY_CACHE="${QLORA_RAY_CACHE:-/tmp/qlora-ray-cache}" RAY_DEDUP_LOGS=0

@@ -177,7 +177,7 @@ def _pairs_in_module(module: str, source: str) -> Iterator[dict[str, str]]:
                 continue
             if sum(1 for line in text.splitlines() if line.strip()) < MIN_TEXT_LINES:
                 continue
-            yield {"text": text, "summary": summary, "name": f"{module}.{qualname}"}
+            yield {"text": text, "summary": summary, "name": f"{module}.{qualname}", "module": module}
 
     yield from walk(tree.body, "")
 
@@ -357,9 +357,9 @@ def span_corrupt(tokens: list[int], rng: Any, sentinel_ids: list[int], eos_id: i
 
 
 def prefix_lm(tokens: list[int], rng: Any, sentinel_id: int, eos_id: int) -> tuple[list[int], list[int]]:
-    """UL2's S-denoiser: the input is a prefix (1/4..3/4 of the chunk), the target the rest."""
-    n = len(tokens)
-    k = int(rng.integers(n // 4, 3 * n // 4 + 1))
+    """UL2's S-denoiser (prefix LM): the input is a prefix of at least one token and at most
+    half of the document, the target is the rest."""
+    k = int(rng.integers(1, max(1, len(tokens) // 2) + 1))
     return tokens[:k] + [sentinel_id, eos_id], [sentinel_id] + tokens[k:] + [eos_id]
 
 
@@ -371,33 +371,56 @@ def _pad(rows: list[list[int]], value: int) -> Any:
 
 
 def _pretrain_batches(
-    docs: list[str], tokenizer: Any, chunk_len: int, batch_size: int, prefix_lm_fraction: float, seed: int
+    texts: list[str],
+    summaries: list[str],
+    tokenizer: Any,
+    *,
+    chunk_len: int,
+    batch_size: int,
+    summary_lm_repeats: int,
+    summary_lm_batch_size: int,
+    span_corruption_fraction: float,
+    seed: int,
 ) -> list[tuple[Any, Any]]:
-    """Shuffle documents, pack their tokens (each + eos) into `chunk_len` chunks, and turn each
-    batch of chunks into (input_ids, labels) for span corruption or, for a `prefix_lm_fraction`
-    of the batches, prefix LM. Batches are homogeneous so that little compute goes to padding.
+    """One epoch of (input_ids, labels) batches, of two kinds:
 
-    Shuffling keeps each text away from its own summary, so pretraining never sees the
-    code -> docstring pairing that fine-tuning is meant to learn.
+    * span corruption over all documents (texts and summaries, shuffled, each + eos) packed
+      into `chunk_len` chunks. Shuffling keeps each text away from its own summary, so
+      pretraining never sees the code -> docstring pairing that fine-tuning must learn;
+    * prefix LM over single summaries, `summary_lm_repeats` times with different splits.
+      Span corruption alone gives the decoder only ~15% of the (few) summary tokens as
+      targets, far too little to learn docstring English in a CPU-minute; these batches are
+      short, hence cheap, and all decoder work. Their inputs are English prefixes, never code.
+
+    Each batch is of one kind, so that little compute goes to padding.
     """
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(docs))
-    encoded = tokenizer.backend_tokenizer.encode_batch([docs[i] for i in order], add_special_tokens=False)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    stream = [t for e in encoded for t in (*e.ids, eos)]
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
+    encode = tokenizer.backend_tokenizer.encode_batch
+
+    docs = texts + summaries
+    order = rng.permutation(len(docs))
+    stream = [t for e in encode([docs[i] for i in order], add_special_tokens=False) for t in (*e.ids, eos)]
     chunks = [stream[i : i + chunk_len] for i in range(0, len(stream) - chunk_len + 1, chunk_len)]
-    batches = []
-    for b in range(0, len(chunks) - batch_size + 1, batch_size):
-        use_prefix_lm = rng.random() < prefix_lm_fraction
-        pairs = [
-            prefix_lm(c, rng, sentinels[0], eos) if use_prefix_lm else span_corrupt(c, rng, sentinels, eos)
-            for c in chunks[b : b + batch_size]
-        ]
-        batches.append((_pad([x for x, _ in pairs], pad), _pad([y for _, y in pairs], -100)))
+    chunks = chunks[: round(len(chunks) * span_corruption_fraction)]
+    pairs = [span_corrupt(c, rng, sentinels, eos) for c in chunks]
+    batches = [_collate(pairs[b : b + batch_size], pad) for b in range(0, len(pairs) - batch_size + 1, batch_size)]
+
+    summary_ids = [e.ids for e in encode(summaries, add_special_tokens=False) if len(e.ids) >= 2]
+    for _ in range(summary_lm_repeats):
+        order = rng.permutation(len(summary_ids))
+        pairs = [prefix_lm(summary_ids[i], rng, sentinels[0], eos) for i in order]
+        pairs.sort(key=lambda p: len(p[1]))  # similar lengths per batch: little padding
+        step = summary_lm_batch_size
+        batches += [_collate(pairs[b : b + step], pad) for b in range(0, len(pairs) - step + 1, step)]
     return batches
+
+
+def _collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any]:
+    return _pad([x for x, _ in pairs], pad_id), _pad([y for _, y in pairs], -100)
 
 
 def build_tiny_t5(
@@ -409,8 +432,9 @@ def build_tiny_t5(
     batch_size: int = 32,
     chunk_len: int = 128,
     learning_rate: float = 2e-3,
-    summary_repeats: int = 4,
-    prefix_lm_fraction: float = 0.0,
+    summary_lm_repeats: int = 4,
+    summary_lm_batch_size: int = 128,
+    span_corruption_fraction: float = 1.0,
     pretrain_seconds_budget: float | None = 120.0,
     seed: int = 0,
     progress: bool = True,
@@ -444,11 +468,17 @@ def build_tiny_t5(
         try:
             tokenizer = train_tokenizer(texts + summaries, vocab_size)
             _log(progress, f"trained tokenizer ({len(tokenizer)} tokens) in {time.monotonic() - t0:.1f}s")
-            # Summaries are ~1/8 of the tokens; repeating them (with fresh noise each time)
-            # gives the decoder enough docstring-style English to build on.
-            docs = texts + summaries * summary_repeats
-            batches = _pretrain_batches(docs, tokenizer, chunk_len, batch_size, prefix_lm_fraction, seed)
-
+            batches = _pretrain_batches(
+                texts,
+                summaries,
+                tokenizer,
+                chunk_len=chunk_len,
+                batch_size=batch_size,
+                summary_lm_repeats=summary_lm_repeats,
+                summary_lm_batch_size=summary_lm_batch_size,
+                span_corruption_fraction=span_corruption_fraction,
+                seed=seed,
+            )
             torch.manual_seed(seed)
             config = T5Config(
                 vocab_size=math.ceil(len(tokenizer) / 64) * 64,
