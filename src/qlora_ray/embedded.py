@@ -454,7 +454,8 @@ def build_tiny_t5(
     with bitsandbytes). Pretraining is one pass over the batches of `_pretrain_batches`
     (~525 steps, ~60 s on 2 CPU cores), or `pretrain_steps` if given. A
     `pretrain_seconds_budget` stops it early (for experiments: the result then depends on
-    the machine's speed, so the default build has none). Only the first build's arguments count: the cache key ignores them.
+    the machine's speed, so the default build has none). Only the first build's arguments
+    count: the cache key ignores them.
     """
     import torch
     from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
