@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.conftest import run_cli
 
 
-def _assert_clean_failure(proc, expected: str, started: float, limit_s: float) -> None:
-    elapsed = time.monotonic() - started
+def _assert_clean_failure(proc, expected: str) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert "Ray instance" not in proc.stdout + proc.stderr  # Ray never started
-    assert elapsed < limit_s, f"took {elapsed:.1f}s"
 
 
 @pytest.mark.parametrize(
@@ -32,26 +28,22 @@ def _assert_clean_failure(proc, expected: str, started: float, limit_s: float) -
     ],
 )
 def test_cheap_errors(args, expected):
-    started = time.monotonic()
-    _assert_clean_failure(run_cli(*args), expected, started, limit_s=10)
+    _assert_clean_failure(run_cli(*args), expected)
 
 
 def test_column_not_in_data(custom_jsonl):
-    started = time.monotonic()
     proc = run_cli("--dataset", str(custom_jsonl), "--text-column", "source_code", "--summary-column", "summary")
-    _assert_clean_failure(proc, "column 'summary' (--summary-column) not in", started, limit_s=60)
+    _assert_clean_failure(proc, "column 'summary' (--summary-column) not in")
     assert "source_code" in proc.stderr  # the message lists the columns there are
 
 
 def test_unknown_target_module(custom_jsonl):
-    started = time.monotonic()
     proc = run_cli("--dataset", str(custom_jsonl), "--text-column", "source_code", "--summary-column", "doc",
                    "--target-modules", "qv,q+nope")
-    _assert_clean_failure(proc, "unknown target module(s) ['nope']", started, limit_s=60)
+    _assert_clean_failure(proc, "unknown target module(s) ['nope']")
 
 
 def test_config_file_unknown_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search:\n  num_sample: 3\n")
-    started = time.monotonic()
-    _assert_clean_failure(run_cli("--config", str(bad)), "unknown key(s) ['num_sample']", started, limit_s=10)
+    _assert_clean_failure(run_cli("--config", str(bad)), "unknown key(s) ['num_sample']")

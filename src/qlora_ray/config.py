@@ -18,6 +18,8 @@ import yaml
 EMBEDDED_MODEL = "embedded:tiny-t5"
 EMBEDDED_DATASET = "embedded:stdlib-docstrings"
 DEFAULT_PRESET = "tiny-t5-stdlib"
+# Local data files by suffix -> the `datasets` loader that reads them.
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 class ConfigError(ValueError):
@@ -235,6 +237,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"gpus_per_trial must be >= 0, got {s.gpus_per_trial}")
     if s.max_concurrent_trials is not None and s.max_concurrent_trials <= 0:
         raise ConfigError(f"max_concurrent_trials must be positive, got {s.max_concurrent_trials}")
+    if Path(d.dataset).suffix.lower() in FILE_FORMATS and not Path(d.dataset).expanduser().is_file():
+        raise ConfigError(f"data file not found: {d.dataset}")
     if config.model.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(
             f"compute_dtype must be auto, bfloat16, float16 or float32, got {config.model.compute_dtype!r}"

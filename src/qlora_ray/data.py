@@ -7,9 +7,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from qlora_ray.config import EMBEDDED_DATASET, ConfigError, DataSettings
-
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+from qlora_ray.config import EMBEDDED_DATASET, FILE_FORMATS, ConfigError, DataSettings
 
 
 @dataclass

@@ -84,16 +84,19 @@ class AdapterModel:
                                 truncation=True, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        with self._lock, torch.inference_mode():
+        with self._lock:
             for adapter_id in {r.adapter_id for r in rows}:
                 self._ensure_loaded(adapter_id)  # evicted between routing and generation
-            out = self.model.generate(
-                **inputs,
-                adapter_names=[r.adapter_id for r in rows],
-                max_new_tokens=max(r.max_new_tokens for r in rows),
-                do_sample=False,
-                num_beams=1,
-            )
+            # no_grad, not inference_mode: inference tensors would break PEFT's later
+            # set_adapter/delete_adapter, which touch requires_grad.
+            with torch.no_grad():
+                out = self.model.generate(
+                    **inputs,
+                    adapter_names=[r.adapter_id for r in rows],
+                    max_new_tokens=max(r.max_new_tokens for r in rows),
+                    do_sample=False,
+                    num_beams=1,
+                )
         # out[:, 0] is the decoder start token; cut each row at its own token budget.
         return [
             self.tokenizer.decode(out[i, 1 : 1 + r.max_new_tokens], skip_special_tokens=True).strip()
