@@ -125,7 +125,3 @@ def lora_config(r: int, lora_alpha: int, target_modules: list[str], settings: Lo
         target_modules=target_modules,
         modules_to_save=list(settings.modules_to_save) or None,
     )
-
-
-def footprint_bytes(model: nn.Module) -> int:
-    return int(model.get_memory_footprint())

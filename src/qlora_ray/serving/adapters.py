@@ -120,6 +120,3 @@ class AdapterModel:
         with self._lock:
             if isinstance(self.model, PeftModel) and adapter_id in self.model.peft_config:
                 self.model.delete_adapter(adapter_id)
-
-    def loaded_adapters(self) -> list[str]:
-        return list(self.model.peft_config) if isinstance(self.model, PeftModel) else []
