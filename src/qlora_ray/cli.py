@@ -30,6 +30,7 @@ FLAGS = {
     "model": ("model", "name"),
     "compute_dtype": ("model", "compute_dtype"),
     "trust_remote_code": ("model", "trust_remote_code"),
+    "random_init": ("model", "random_init"),
     "dataset": ("data", "dataset"),
     "text_column": ("data", "text_column"),
     "summary_column": ("data", "summary_column"),
@@ -76,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float16", "float32"])
     g.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow the model repository's own code to run (off unless asked)")
+    g.add_argument("--random-init", action="store_true", default=None,
+                   help="the model's architecture with random weights (no hub needed; for timing and tests)")
     g.add_argument("--dataset", help="hub id or a local .json/.jsonl/.csv/.parquet file")
     g.add_argument("--text-column", help="column with the source text (default text)")
     g.add_argument("--summary-column", help="column with the reference summary (default summary)")
@@ -89,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, help="steps between evaluations (each is one Tune report)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optim", help="transformers optimizer name (default auto: paged_adamw_8bit on GPU)")
-    g.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    g.add_argument("--gradient-checkpointing", choices=["none", "feed-forward", "full"],
+                   help="recompute in backward to save memory: FFN blocks only, or every layer (default none)")
 
     g = p.add_argument_group("search (a comma list is a choice, one value pins it)")
     g.add_argument("--num-samples", type=int, help="number of trials")

@@ -35,6 +35,9 @@ class ModelSettings:
     # "auto": bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.
     compute_dtype: str = "auto"
     trust_remote_code: bool = False
+    # Build `name`'s architecture with random weights instead of loading its weights: for
+    # machines without hub access (timing, tests). A known hub id or a local config.json.
+    random_init: bool = False
 
 
 @dataclass
@@ -70,7 +73,9 @@ class TrainSettings:
     warmup_steps: int = 0
     # "auto": paged_adamw_8bit on GPU (the QLoRA recipe), adamw_torch on CPU.
     optim: str = "auto"
-    gradient_checkpointing: bool = False
+    # What backward recomputes instead of storing: "none", "feed-forward" (each FFN block:
+    # most of T5's activation memory for little recompute) or "full" (every layer).
+    gradient_checkpointing: str = "none"
     num_beams: int = 1
     seed: int = 42
 
@@ -239,11 +244,19 @@ def validate(config: Config) -> None:
         raise ConfigError(f"max_concurrent_trials must be positive, got {s.max_concurrent_trials}")
     if Path(d.dataset).suffix.lower() in FILE_FORMATS and not Path(d.dataset).expanduser().is_file():
         raise ConfigError(f"data file not found: {d.dataset}")
+    if isinstance(t.gradient_checkpointing, bool):  # YAML true/false: the whole model or nothing
+        t.gradient_checkpointing = "full" if t.gradient_checkpointing else "none"
+    if t.gradient_checkpointing not in CHECKPOINTING:
+        raise ConfigError(
+            f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {t.gradient_checkpointing!r}"
+        )
     if config.model.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(
             f"compute_dtype must be auto, bfloat16, float16 or float32, got {config.model.compute_dtype!r}"
         )
 
+
+CHECKPOINTING = ("none", "feed-forward", "full")
 
 # Metrics each evaluation reports, and which direction is better.
 METRICS = {"rougeL": "max", "rouge1": "max", "rouge2": "max", "eval_loss": "min"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -17,7 +17,13 @@ _NEVER_TARGET = {"lm_head"}
 
 
 def resolve_model_path(settings: ModelSettings, *, progress: bool = True) -> str:
-    """The hub id or local directory to load; builds the embedded model on first use."""
+    """The hub id or local directory to load; builds the embedded or random-weight model on first use."""
+    if settings.random_init:
+        from qlora_ray import embedded, random_init
+
+        if settings.name.startswith("embedded:"):
+            raise ConfigError("--random-init takes a hub id or a config, not the embedded model")
+        return str(random_init.build_random_model(settings.name, embedded.default_cache_dir(), progress=progress))
     if settings.name == EMBEDDED_MODEL:
         from qlora_ray import embedded
 
@@ -49,14 +55,73 @@ def load_tokenizer(path: str, settings: ModelSettings):
 
 
 def load_base_model(path: str, settings: ModelSettings) -> nn.Module:
-    """The frozen base, quantized to 4-bit on load, on the GPU Ray assigned or the CPU."""
+    """The frozen base, quantized to 4-bit on load, on the GPU Ray assigned or the CPU.
+
+    The layers bitsandbytes leaves unquantized (norms, embeddings, T5's `wo`) load in the
+    compute dtype: in bf16 rather than the checkpoint's fp32 they take half the memory and
+    their matmuls run on tensor cores. (fp16 keeps transformers' fp32 `wo`: T5 overflows
+    fp16 there.)
+    """
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+    extra = {}
+    if config.model_type in POSITION_BIAS_MODELS:
+        from qlora_ray.attention import SHARED_BIAS_SDPA
+
+        extra["attn_implementation"] = SHARED_BIAS_SDPA
     return AutoModelForSeq2SeqLM.from_pretrained(
         path,
         quantization_config=quantization_config(settings),
         device_map=device_map,
+        dtype=compute_dtype(settings),
         trust_remote_code=settings.trust_remote_code,
+        **extra,
     )
+
+
+# Model types whose attention adds a relative position bias: they get qlora_ray.attention's SDPA.
+POSITION_BIAS_MODELS = {"t5", "mt5", "umt5"}
+
+
+def prepare_for_training(model: nn.Module, settings: ModelSettings, gradient_checkpointing: str) -> nn.Module:
+    """Freeze the 4-bit base and set up checkpointing, before the LoRA adapter is added.
+
+    Unlike peft's prepare_model_for_kbit_training this leaves bf16 layers in bf16: casting
+    every unquantized weight to fp32 (what it does) doubles their memory and, without
+    autocast, runs attention and T5's `wo` in fp32. bf16 has fp32's range, so the norms
+    are safe; the trainable weights are made fp32 separately (see `trainable_to_fp32`).
+    fp16 keeps peft's recipe, which it was made for.
+    """
+    if compute_dtype(settings) == torch.float16:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing == "full")
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if gradient_checkpointing == "feed-forward":
+        checkpoint_feed_forward(model)
+    # "full" is switched on by the Trainer (gradient_checkpointing=True in its arguments).
+    return model
+
+
+def trainable_to_fp32(model: nn.Module) -> None:
+    """Adapter weights and saved modules (lm_head) train in fp32: optimizer updates of a few
+    1e-5 vanish in bf16's 8-bit mantissa. Autocast still runs their matmuls in bf16.
+
+    Outside autocast (the Trainer generates for ROUGE without it) a converted module would
+    get bf16 inputs for fp32 weights, so it casts its inputs to its own dtype. (peft does
+    this itself for the LoRA layers, which it creates in fp32.)
+    """
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        if not params:
+            continue
+        for param in params:
+            param.data = param.data.float()
+        module.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 @dataclass(frozen=True)
@@ -125,3 +190,32 @@ def lora_config(r: int, lora_alpha: int, target_modules: list[str], settings: Lo
         target_modules=target_modules,
         modules_to_save=list(settings.modules_to_save) or None,
     )
+
+
+def checkpoint_feed_forward(model: nn.Module) -> int:
+    """Recompute each feed-forward block in backward instead of keeping its activations.
+
+    In T5-3b the FFN inner activations (16384 wide, after wi, relu and dropout) are most of
+    a layer's saved activations, while the FFN's recompute is cheap next to full-layer
+    gradient checkpointing (no attention, no LoRA). Returns how many blocks were wrapped.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for module in model.modules():
+        if type(module).__name__ not in _FEED_FORWARD_BLOCKS:
+            continue
+        forward = module.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        module.forward = checkpointed
+        wrapped += 1
+    return wrapped
+
+
+# Feed-forward sublayers (norm + MLP + residual) whose activations checkpoint_feed_forward drops.
+_FEED_FORWARD_BLOCKS = {"T5LayerFF"}

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+from peft import get_peft_model, set_peft_model_state_dict
 from ray import tune
 from safetensors.torch import load_file
 from transformers import (
@@ -34,6 +34,8 @@ from qlora_ray.model import (
     load_base_model,
     load_tokenizer,
     lora_config,
+    prepare_for_training,
+    trainable_to_fp32,
 )
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -45,7 +47,7 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
     _limit_threads(config)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(model_path, config.model)
-    model = _adapted_model(model_path, config, hparams)
+    model = build_model(model_path, config, hparams)
 
     start_step = 0
     checkpoint = tune.get_checkpoint()
@@ -58,7 +60,7 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
         return
 
     with tempfile.TemporaryDirectory() as work_dir:
-        trainer = _trainer(model, tokenizer, data, config, work_dir, hparams["learning_rate"], remaining)
+        trainer = build_trainer(model, tokenizer, data, config, work_dir, hparams["learning_rate"], remaining)
         trainer.add_callback(_ReportToTune(model, hparams, start_step))
         trainer.train()
 
@@ -73,24 +75,25 @@ def evaluate_base(*, config: Config, data: TokenizedData, model_path: str) -> di
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(model_path, config.model)
     hparams = {"r": 1, "lora_alpha": 1, "target_modules": "all-linear", "learning_rate": 0.0}
-    model = _adapted_model(model_path, config, hparams)
+    model = build_model(model_path, config, hparams)
     with tempfile.TemporaryDirectory() as work_dir:
-        trainer = _trainer(model, tokenizer, data, config, work_dir, learning_rate=0.0, max_steps=1)
+        trainer = build_trainer(model, tokenizer, data, config, work_dir, learning_rate=0.0, max_steps=1)
         metrics = trainer.evaluate()
     return _tune_metrics(metrics) | {"footprint_bytes": int(model.get_base_model().get_memory_footprint())}
 
 
-def _adapted_model(model_path: str, config: Config, hparams: dict):
+def build_model(model_path: str, config: Config, hparams: dict):
+    """The 4-bit base with a fresh LoRA adapter, ready to train."""
     base = load_base_model(model_path, config.model)
     targets = discover_architecture(base).resolve_targets(hparams["target_modules"])
-    base = prepare_model_for_kbit_training(
-        base, use_gradient_checkpointing=config.train.gradient_checkpointing
-    )
+    base = prepare_for_training(base, config.model, config.train.gradient_checkpointing)
     lora = lora_config(int(hparams["r"]), int(hparams["lora_alpha"]), targets, config.lora)
-    return get_peft_model(base, lora)
+    model = get_peft_model(base, lora)
+    trainable_to_fp32(model)
+    return model
 
 
-def _trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: str, learning_rate: float,
+def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: str, learning_rate: float,
              max_steps: int) -> Seq2SeqTrainer:
     train, gen = config.train, config.data
     dtype = compute_dtype(config.model)
@@ -113,8 +116,10 @@ def _trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: st
         predict_with_generate=True,
         generation_max_length=gen.max_target_length,
         generation_num_beams=train.num_beams,
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-        gradient_checkpointing=train.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16,  # autocast: fp32 trainable weights, bf16 matmuls
+        use_cpu=not torch.cuda.is_available(),  # (transformers wants this said for bf16 on CPU)
+        gradient_checkpointing=train.gradient_checkpointing == "full",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=train.seed,
         report_to="none",
         disable_tqdm=True,

@@ -1,0 +1,54 @@
+"""SDPA for models with an additive position bias (T5), built once per forward, not per layer.
+
+transformers' SDPA path turns T5's position bias and the padding mask into one float mask
+(batch x heads x query x key) inside every layer, although every layer gets the same two
+inputs. At batch 4 x 1024 tokens x 32 heads that is 256 MB in bf16 per layer, kept by
+each of the 24 encoder layers for backward: 6 GB and 24 memory-bound passes per step for
+the same values. Worse, T5's bias is a permuted view, so (in transformers < 5.23) the mask
+has a strided last dimension and SDPA silently falls back to its math kernel, in fp32.
+This backend builds one contiguous mask in the first layer, hangs it on the position-bias
+tensor the layers share, and reuses it, so SDPA runs its fused memory-efficient kernel.
+
+Select it with `attn_implementation=SHARED_BIAS_SDPA` (registered on import).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+SHARED_BIAS_SDPA = "qlora_ray_sdpa"
+_CACHE_ATTR = "_qlora_ray_sdpa_mask"
+
+
+def shared_bias_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+):
+    if position_bias is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    is_causal = kwargs.pop("is_causal", None)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    shape = (query.shape[2], key.shape[2], key.dtype)
+    cached = getattr(position_bias, _CACHE_ATTR, None)
+    if cached is not None and cached[0] is attention_mask and cached[1] == (is_causal, shape):
+        mask = cached[2]
+    else:
+        # contiguous: T5's bias is a permuted view, and SDPA's fused kernels need unit stride on the last dim
+        # (a strided mask silently falls back to the math kernel, in fp32).
+        mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key).contiguous()
+        setattr(position_bias, _CACHE_ATTR, (attention_mask, (is_causal, shape), mask))
+    # The float mask carries causality and padding: no is_causal flag for SDPA.
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+
+AttentionInterface.register(SHARED_BIAS_SDPA, shared_bias_sdpa_forward)
+AttentionMaskInterface.register(SHARED_BIAS_SDPA, sdpa_mask)
