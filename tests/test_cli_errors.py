@@ -25,6 +25,8 @@ def _assert_clean_failure(proc, expected: str) -> None:
         (["--metric", "bleu"], "unknown metric 'bleu'"),
         (["--dataset", "/nonexistent/data.jsonl"], "data file not found"),
         (["--config", "/nonexistent/sweep.yaml"], "config file not found"),
+        (["--random-init"], "--random-init takes a hub id or a config"),
+        (["--random-init", "--model", "/nonexistent/model"], "needs an architecture config"),
     ],
 )
 def test_cheap_errors(args, expected):
