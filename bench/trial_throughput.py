@@ -208,11 +208,19 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=12)
     ap.add_argument("--loss-lr", type=float, default=1e-3, help="high enough that one batch is visibly learned")
     ap.add_argument("--loss-tolerance", type=float, default=0.02, help="max relative difference per step")
+    ap.add_argument("--batch-size", type=int, help="override the preset's (exploration; writes a separate file)")
+    ap.add_argument("--gradient-checkpointing", choices=["none", "feed-forward", "full"],
+                    help="override the preset's (exploration; writes a separate file)")
+    ap.add_argument("--project-only", action="store_true", help="skip the baseline and the loss check")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    config = load_config(args.preset, overrides={"model": {"random_init": True}})
+    train = {k: v for k, v in (("batch_size", args.batch_size),
+                                ("gradient_checkpointing", args.gradient_checkpointing)) if v is not None}
+    config = load_config(args.preset, overrides={"model": {"random_init": True}, "train": train})
+    name = "trial_throughput" + "".join(f"-{k}={v}" for k, v in train.items())
+    name += "-project" if args.project_only else ""
     model_dir = resolve_model_path(ModelSettings(name=config.model.name, random_init=True))
     tokenizer = load_tokenizer(model_dir, config.model)
     from transformers import AutoConfig
@@ -232,21 +240,8 @@ def main() -> None:
         "versions": _versions(),
     }
 
-    # Baseline: the seed recipe.
-    model, footprint = seed_model(model_dir)
-    clock = StepClock(args.warmup)
-    batches = [as_batch(synthetic_examples(SEED_BATCH, vocab, seed=i)) for i in range(timed)]
-    seed_train(model, batches, lr=2e-5, on_step=clock)
-    result["baseline"] = summarize(clock, SEED_BATCH, fps, peak) | {
-        "footprint_bytes": footprint,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "all_params": sum(p.numel() for p in model.parameters()),
-        "recipe": "fp32 load, NF4 + double quant, fp16 compute, prepare_model_for_kbit_training, "
-                  "LoRA r32/a16 v,o + lm_head, PagedAdamW8bit, batch 4, no checkpointing",
-    }
-    print("baseline", json.dumps(result["baseline"]), flush=True)
-    del model, batches
-    free_gpu()
+    if not args.project_only:
+        baseline(result, model_dir, vocab, fps, peak, args)
 
     # Project: the sweep trial's own model and Trainer, with the preset's settings.
     batch = config.train.batch_size
@@ -264,17 +259,38 @@ def main() -> None:
         "gradient_checkpointing": config.train.gradient_checkpointing,
         "optim": config.train.optim,
         "compute_dtype": str(trial.compute_dtype(config.model)).removeprefix("torch."),
-        "path": "qlora_ray.trial.build_model + build_trainer (what run_trial runs), preset " + args.preset,
+        "path": "qlora_ray.trial.build_model + build_trainer (what run_trial runs), preset " + args.preset
+                + (f" with {train}" if train else ""),
     }
     print("project", json.dumps(result["project"]), flush=True)
     del model, trainer
     free_gpu()
-    result["speedup"] = round(result["project"]["samples_per_s"] / result["baseline"]["samples_per_s"], 3)
 
-    result["loss_check"], result["loss_check_detail"] = loss_check(model_dir, config, tokenizer, vocab, args)
-    path = out / "trial_throughput.json"
+    if not args.project_only:
+        result["speedup"] = round(result["project"]["samples_per_s"] / result["baseline"]["samples_per_s"], 3)
+        result["loss_check"], result["loss_check_detail"] = loss_check(model_dir, config, tokenizer, vocab, args)
+    path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("device", "speedup", "loss_check")}), f"-> {path}")
+    print(json.dumps({k: result.get(k) for k in ("device", "speedup", "loss_check")}), f"-> {path}")
+
+
+def baseline(result: dict, model_dir: str, vocab: int, fps: float, peak: float, args) -> None:
+    """The seed recipe, timed the same way."""
+    timed = args.warmup + args.steps
+    model, footprint = seed_model(model_dir)
+    clock = StepClock(args.warmup)
+    batches = [as_batch(synthetic_examples(SEED_BATCH, vocab, seed=i)) for i in range(timed)]
+    seed_train(model, batches, lr=2e-5, on_step=clock)
+    result["baseline"] = summarize(clock, SEED_BATCH, fps, peak) | {
+        "footprint_bytes": footprint,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "all_params": sum(p.numel() for p in model.parameters()),
+        "recipe": "fp32 load, NF4 + double quant, fp16 compute, prepare_model_for_kbit_training, "
+                  "LoRA r32/a16 v,o + lm_head, PagedAdamW8bit, batch 4, no checkpointing",
+    }
+    print("baseline", json.dumps(result["baseline"]), flush=True)
+    del model, batches
+    free_gpu()
 
 
 def loss_check(model_dir: str, config, tokenizer, vocab: int, args) -> tuple[bool, dict]:
