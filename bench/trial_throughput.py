@@ -219,7 +219,7 @@ def main() -> None:
     train = {k: v for k, v in (("batch_size", args.batch_size),
                                 ("gradient_checkpointing", args.gradient_checkpointing)) if v is not None}
     config = load_config(args.preset, overrides={"model": {"random_init": True}, "train": train})
-    name = "trial_throughput" + "".join(f"-{k}={v}" for k, v in train.items())
+    name = "trial_throughput" + "".join(f"-{k}-{v}" for k, v in train.items())
     name += "-project" if args.project_only else ""
     model_dir = resolve_model_path(ModelSettings(name=config.model.name, random_init=True))
     tokenizer = load_tokenizer(model_dir, config.model)
