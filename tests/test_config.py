@@ -11,8 +11,8 @@ def test_presets_load_and_precedence(tmp_path):
     recipe = load_config("t5-3b-billsum")
     assert recipe.model.name == "google-t5/t5-3b"
     assert (recipe.data.max_source_length, recipe.data.max_target_length) == (1024, 128)
-    assert recipe.train.optim == "paged_adamw_8bit" and recipe.train.batch_size == 8
-    assert recipe.train.gradient_checkpointing == "feed-forward"
+    assert recipe.train.optim == "paged_adamw_8bit" and recipe.train.batch_size == 32
+    assert recipe.train.gradient_checkpointing == "full"
     assert recipe.lora.modules_to_save == ["lm_head"]
     override = tmp_path / "c.yaml"
     override.write_text("train:\n  batch_size: 2\nsearch:\n  r: 8\n")
