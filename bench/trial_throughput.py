@@ -168,6 +168,31 @@ def summarize(clock: StepClock, batch: int, flops_per_sample: float, peak_flops:
     }
 
 
+def param_counts(model) -> dict:
+    # peft's convention, as in the recipe's print_trainable_parameters: a packed 4-bit byte is 2 parameters.
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_params": trainable, "all_params": total}
+
+
+def print_table(result: dict) -> None:
+    rows = [("", "baseline (seed recipe)", "project (trial path)")]
+    fields = [("batch size", "batch_size", "{}"), ("s/step", "s_per_step", "{:.3f}"),
+              ("samples/s", "samples_per_s", "{:.2f}"), ("source tokens/s", "source_tokens_per_s", "{:,}"),
+              ("peak GPU memory (GB)", "peak_gb", "{:.2f}"), ("4-bit footprint (bytes)", "footprint_bytes", "{:,}"),
+              ("trainable params", "trainable_params", "{:,}"), ("all params", "all_params", "{:,}"),
+              ("MFU (measured bf16 peak)", "mfu_vs_measured_bf16_peak", "{:.1%}")]
+    for label, key, fmt in fields:
+        rows.append((label, *(fmt.format(result[side][key]) if key in result.get(side, {}) else "-"
+                              for side in ("baseline", "project"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print(f"{result['device']}, {result['date']}")
+    for row in rows:
+        label, *values = row
+        print("  ".join([label.ljust(widths[0])] + [v.rjust(w) for v, w in zip(values, widths[1:], strict=True)]))
+    if "speedup" in result:
+        print(f"speedup {result['speedup']}x, loss_check {str(result['loss_check']).lower()}")
+
+
 def flops_per_sample(cfg) -> float:
     """Matmul FLOPs of forward + backward-to-activations (the base is frozen: no weight grads)."""
     d, inner, ff, n_enc, n_dec = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers
@@ -212,7 +237,11 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", choices=["none", "feed-forward", "full"],
                     help="override the preset's (exploration; writes a separate file)")
     ap.add_argument("--project-only", action="store_true", help="skip the baseline and the loss check")
+    ap.add_argument("--show", metavar="JSON", help="print the table of a saved result and exit (no GPU needed)")
     args = ap.parse_args()
+    if args.show:
+        print_table(json.loads(Path(args.show).read_text()))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -255,7 +284,7 @@ def main() -> None:
         trainer.train()
     result["project"] = summarize(clock, batch, fps, peak) | {
         "footprint_bytes": model.get_base_model().get_memory_footprint(),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **param_counts(model),
         "gradient_checkpointing": config.train.gradient_checkpointing,
         "optim": config.train.optim,
         "compute_dtype": str(trial.compute_dtype(config.model)).removeprefix("torch."),
@@ -271,7 +300,8 @@ def main() -> None:
         result["loss_check"], result["loss_check_detail"] = loss_check(model_dir, config, tokenizer, vocab, args)
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result.get(k) for k in ("device", "speedup", "loss_check")}), f"-> {path}")
+    print_table(result)
+    print(f"-> {path}")
 
 
 def baseline(result: dict, model_dir: str, vocab: int, fps: float, peak: float, args) -> None:
@@ -283,8 +313,7 @@ def baseline(result: dict, model_dir: str, vocab: int, fps: float, peak: float, 
     seed_train(model, batches, lr=2e-5, on_step=clock)
     result["baseline"] = summarize(clock, SEED_BATCH, fps, peak) | {
         "footprint_bytes": footprint,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "all_params": sum(p.numel() for p in model.parameters()),
+        **param_counts(model),
         "recipe": "fp32 load, NF4 + double quant, fp16 compute, prepare_model_for_kbit_training, "
                   "LoRA r32/a16 v,o + lm_head, PagedAdamW8bit, batch 4, no checkpointing",
     }
