@@ -94,7 +94,7 @@ def build_model(model_path: str, config: Config, hparams: dict):
 
 
 def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: str, learning_rate: float,
-             max_steps: int) -> Seq2SeqTrainer:
+                  max_steps: int) -> Seq2SeqTrainer:
     train, gen = config.train, config.data
     dtype = compute_dtype(config.model)
     optim = train.optim
