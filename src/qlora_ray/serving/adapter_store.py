@@ -1,0 +1,231 @@
+"""Which adapters a replica holds, in which LoRA slot: validated loads, pinning, eviction.
+
+An adapter is checked (adapter_check: config against weights, target modules against the
+base, size, safetensors only) and its tensors are read and moved to the device off the
+engine thread; only then does the engine copy them into a free slot between two steps.
+Nothing is registered before it is complete, so a failed load leaves nothing behind: the
+adapter is recorded as rejected with its reason, and the other adapters keep answering.
+
+Eviction is decided by Serve's multiplexer (LRU over `max_adapters_per_replica`) and by
+registry changes; the registry's default is pinned. An adapter with rows in flight is
+freed when its last row ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from qlora_ray.adapter_check import AdapterInvalid, BaseSpec, check_adapter
+from qlora_ray.registry import Registry, RegistryError
+from qlora_ray.serving.engine import Engine
+from qlora_ray.serving.multi_lora import MultiLoraLinear, wrap
+
+logger = logging.getLogger("ray.serve")
+
+SERVED_SAVED_MODULES = {"lm_head"}  # modules_to_save the engine applies per row
+
+
+class AdapterRejected(Exception):
+    pass
+
+
+@dataclass
+class Resident:
+    slot: int
+    signature: tuple  # (mtime_ns, size) of the weights file when loaded
+    refs: int = 0
+    evict_when_idle: bool = False
+
+
+def signature(directory: Path) -> tuple:
+    stat = (directory / "adapter_model.safetensors").stat()
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+class AdapterStore:
+    def __init__(self, engine: Engine, base: BaseSpec, registry: Registry, *, base_model: str, max_bytes: int,
+                 load_settings: dict, metrics=None):
+        self.engine, self.base, self.registry = engine, base, registry
+        self.base_model, self.max_bytes, self.load_settings = base_model, max_bytes, load_settings
+        self.metrics = metrics
+        self.wrappers: dict[str, MultiLoraLinear] = {}
+        self.resident: dict[str, Resident] = {}
+        self.free_slots = list(range(engine.ctx.capacity - 1, 0, -1))  # slot 0 is the bare base
+        self.rejected: dict[str, tuple[tuple, str]] = {}  # id -> (file signature, reason)
+        self.loads: list[dict] = []  # recent cold loads: {"adapter", "ms"}
+        self.pinned: str | None = None
+        # Loads run in worker threads and the multiplexer evicts from one: plain thread locks.
+        self.cond = threading.Condition()
+        self.loading: dict[str, threading.Lock] = {}
+
+    # ---- residency ----
+
+    async def acquire(self, adapter_id: str) -> int:
+        """The adapter's slot, loading it if needed; the caller must `release` it."""
+        while True:
+            with self.cond:
+                entry = self.resident.get(adapter_id)
+                if entry is not None and not entry.evict_when_idle:
+                    entry.refs += 1
+                    return entry.slot
+            await self.load(adapter_id)
+
+    def release(self, adapter_id: str) -> None:
+        with self.cond:
+            entry = self.resident.get(adapter_id)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs <= 0 and entry.evict_when_idle:
+                self._free(adapter_id)
+
+    def evict(self, adapter_id: str, *, force: bool = False) -> None:
+        """Drop an adapter (now, or when its last row ends); the pinned one only when forced."""
+        with self.cond:
+            entry = self.resident.get(adapter_id)
+            if entry is None or (adapter_id == self.pinned and not force):
+                return
+            if entry.refs > 0:
+                entry.evict_when_idle = True
+            else:
+                self._free(adapter_id)
+
+    def _free(self, adapter_id: str) -> None:  # under self.cond
+        entry = self.resident.pop(adapter_id)
+        wrappers, heads = list(self.wrappers.values()), self.engine.heads
+
+        def clear():
+            for w in wrappers:
+                w.clear_slot(entry.slot)
+            heads.pop(entry.slot, None)
+
+        self.engine.call(clear).add_done_callback(lambda _: self._slot_returned(entry.slot))
+        if self.metrics:
+            self.metrics.evictions.inc(tags={"adapter": adapter_id})
+
+    def _slot_returned(self, slot: int) -> None:
+        with self.cond:
+            self.free_slots.append(slot)
+            self.cond.notify_all()
+
+    # ---- loading ----
+
+    async def load(self, adapter_id: str) -> None:
+        await asyncio.to_thread(self.load_blocking, adapter_id)
+
+    def load_blocking(self, adapter_id: str) -> None:
+        """Make the adapter resident; raises AdapterRejected with the reason."""
+        with self.cond:
+            lock = self.loading.setdefault(adapter_id, threading.Lock())
+        with lock:  # one load per adapter at a time; later callers find it resident
+            with self.cond:
+                entry = self.resident.get(adapter_id)
+                if entry is not None:
+                    entry.evict_when_idle = False  # wanted again before its last row ended
+                    return
+            try:
+                directory = self.registry.adapter_dir(adapter_id)
+                sig = signature(directory)
+            except (RegistryError, OSError) as e:
+                raise AdapterRejected(str(e)) from None
+            known = self.rejected.get(adapter_id)
+            if known and known[0] == sig:
+                raise AdapterRejected(known[1])
+            start = time.perf_counter()
+            try:
+                weights = self._read(adapter_id, directory)
+            except AdapterInvalid as e:
+                self.rejected[adapter_id] = (sig, str(e))
+                logger.warning("adapter %s rejected: %s", adapter_id, e)
+                if self.metrics:
+                    self.metrics.rejections.inc(tags={"adapter": adapter_id})
+                raise AdapterRejected(str(e)) from None
+            self.rejected.pop(adapter_id, None)
+            with self.cond:
+                while not self.free_slots:  # every slot has rows in flight: wait for one to end
+                    self.cond.wait()
+                slot = self.free_slots.pop()
+            try:
+                self.engine.call(lambda: self._install(slot, weights)).result()
+            except BaseException:
+                self._slot_returned(slot)
+                raise
+            with self.cond:
+                self.resident[adapter_id] = Resident(slot, sig)
+            ms = (time.perf_counter() - start) * 1000
+            self.loads = [*self.loads[-255:], {"adapter": adapter_id, "ms": round(ms, 2)}]
+            if self.metrics:
+                self.metrics.loads.inc(tags={"adapter": adapter_id})
+                self.metrics.load_ms.observe(ms, tags={"adapter": adapter_id})
+            logger.info("adapter %s loaded into slot %d in %.1f ms", adapter_id, slot, ms)
+
+    def _read(self, adapter_id: str, directory: Path) -> dict:
+        """Check and read an adapter; every failure is an AdapterInvalid with its reason."""
+        entry = self.registry.adapter(adapter_id)
+        if entry.get("base_model") and entry["base_model"] != self.base_model:
+            raise AdapterInvalid(f"trained on base model {entry['base_model']!r}, this replica serves "
+                                 f"{self.base_model!r}")
+        load = entry.get("load") or {}
+        for key in ("quant_type", "double_quant"):
+            if key in load and load[key] != self.load_settings.get(key):
+                raise AdapterInvalid(f"trained with {key}={load[key]!r}, the served base has "
+                                     f"{key}={self.load_settings.get(key)!r}")
+        checked = check_adapter(directory, self.base, max_bytes=self.max_bytes)
+        unsupported = set(checked.saved_modules) - SERVED_SAVED_MODULES
+        if unsupported:
+            raise AdapterInvalid(f"saves full copies of {sorted(unsupported)}; only {sorted(SERVED_SAVED_MODULES)} "
+                                 "can be served per request")
+        try:
+            tensors = load_file(directory / "adapter_model.safetensors")
+        except Exception as e:  # changed or damaged since the check
+            raise AdapterInvalid(f"cannot read adapter_model.safetensors: {e}") from None
+        device, dtype = self.engine.device, self.engine.ctx.dtype
+        modules = {}
+        for path, m in checked.modules.items():
+            a, b = tensors[m.a_key], tensors[m.b_key]
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterInvalid(f"{path}: weights contain NaN or infinity")
+            modules[path] = (a.to(device, dtype), b.to(device, dtype), float(m.scaling))
+        head = None
+        if "lm_head" in checked.saved_modules:
+            head = tensors[checked.saved_modules["lm_head"]]
+            if not torch.isfinite(head).all():
+                raise AdapterInvalid("lm_head: weights contain NaN or infinity")
+            head = head.to(device, self.engine.model.lm_head.weight.dtype)
+        return {"modules": modules, "head": head}
+
+    def _install(self, slot: int, weights: dict) -> None:
+        """On the engine thread: wrap newly targeted layers, copy the weights into the slot."""
+        self.wrappers = wrap(self.engine.model, list(weights["modules"]), self.engine.ctx)
+        for path, (a, b, scale) in weights["modules"].items():
+            self.wrappers[path].set_slot(slot, a, b, scale)
+        if weights["head"] is not None:
+            self.engine.heads[slot] = weights["head"]
+
+    def reserve(self, ranks: dict[str, int]) -> None:
+        """On the engine thread: wrap layers and size ranks for adapters expected later, so
+        their loads need no reallocation (and captured CUDA graphs stay valid)."""
+        self.wrappers = wrap(self.engine.model, list(ranks), self.engine.ctx)
+        for path, rank in ranks.items():
+            self.wrappers[path].reserve_rank(rank)
+
+    def changed_on_disk(self, adapter_id: str) -> bool:
+        entry = self.resident.get(adapter_id)
+        try:
+            return entry is not None and signature(self.registry.root / adapter_id) != entry.signature
+        except OSError:
+            return True
+
+    def status(self) -> dict:
+        with self.cond:
+            resident = sorted(self.resident)
+        return {"resident": resident, "pinned": self.pinned,
+                "rejected": {k: v[1] for k, v in self.rejected.items()}, "loads": list(self.loads)}
