@@ -15,7 +15,7 @@ from qlora_ray import search
 from qlora_ray.config import Config, ConfigError, merge
 from qlora_ray.data import TokenizedData, load_raw, tokenize
 from qlora_ray.model import Architecture, inspect_architecture, load_tokenizer, resolve_model_path
-from qlora_ray.registry import Candidate, Registry, RegistryError, make_adapter_id
+from qlora_ray.registry import Candidate, Registry, RegistryError, load_settings, make_adapter_id, task_settings
 from qlora_ray.trial import TRIAL_INFO, evaluate_base, run_trial
 
 SWEEP_CONFIG = "config.yaml"  # the settings a sweep ran with, for --resume
@@ -131,8 +131,9 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
     rows = _collect(results, config)
     ranked = sorted((r for r in rows if r["best"]), key=lambda r: r["best"][s.metric], reverse=s.mode == "max")
     registry = Registry(config.registry_dir)
-    task = {"prefix": config.data.prefix, "max_source_length": config.data.max_source_length,
-            "max_target_length": config.data.max_target_length}
+    # Recorded on each entry: how its base was loaded and how it was evaluated (serving uses the same).
+    task = task_settings(config.data, num_beams=config.train.num_beams, base_model=prepared.model_path)
+    load = load_settings(config.model)
     published = []
     for row in ranked[: s.top_k]:
         with row["checkpoint"].as_directory() as ckpt_dir:  # a local copy if storage is remote
@@ -146,7 +147,8 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
                 step=info["metrics"]["step"],
             )
             published += registry.publish([candidate], base_model=prepared.model_path, base_metrics=base_metrics,
-                                          task=task, metric=s.metric, mode=s.mode, sweep=prepared.name)
+                                          task=task, load=load, metric=s.metric, mode=s.mode,
+                                          sweep=prepared.name)
     summary = {
         "sweep": prepared.name,
         "wall_s": round(time.time() - started, 1),

@@ -7,8 +7,8 @@ from pathlib import Path
 import ray
 from ray.serve import Application
 
-from qlora_ray.serving.adapters import AdapterModel
 from qlora_ray.serving.api import Api
+from qlora_ray.serving.replica import AdapterModel
 from qlora_ray.serving.settings import ServeSettings
 
 
@@ -23,7 +23,10 @@ def build_app(args: dict | None = None) -> Application:
     model = AdapterModel.options(
         num_replicas=settings.num_replicas,
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": num_gpus},
-        max_ongoing_requests=4 * settings.max_batch_size,
+        # Enough in the replica for a full batch plus the next one waiting to join between
+        # steps; beyond that callers queue (bounded: BackPressureError -> 503).
+        max_ongoing_requests=2 * settings.max_batch_size,
+        max_queued_requests=settings.max_queued_requests,
     ).bind(settings)
     return Api.bind(model, settings)
 

@@ -14,6 +14,7 @@ freed when its last row ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from qlora_ray.adapter_check import AdapterInvalid, BaseSpec, check_adapter
 from qlora_ray.registry import Registry, RegistryError
@@ -43,6 +43,48 @@ class Resident:
     signature: tuple  # (mtime_ns, size) of the weights file when loaded
     refs: int = 0
     evict_when_idle: bool = False
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_safetensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on `device`: one read into (pinned) memory and one copy to
+    the device, not one per tensor (an adapter has hundreds of small ones). Raises
+    AdapterInvalid if the file is not what its header says (check_adapter checked it, but it
+    may have changed since)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header_bytes = f.read(length)
+        body = torch.empty(max(0, size - 8 - length), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        got = f.readinto(body.numpy())
+    try:
+        if got != body.numel():
+            raise ValueError("the file changed while it was read")
+        header = json.loads(header_bytes)
+        body = body.to(device, non_blocking=True)
+        tensors = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            dtype = _DTYPES[info["dtype"]]
+            chunk = body[start:end]
+            if start % dtype.itemsize:
+                chunk = chunk.clone()  # unaligned
+            tensors[key] = chunk.view(dtype).view(info["shape"])
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) == 1 and body.numel() % next(iter(dtypes)).itemsize == 0:
+            finite = bool(torch.isfinite(body.view(next(iter(dtypes)))).all())  # one pass over the file
+        else:
+            finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all())
+    except Exception as e:
+        raise AdapterInvalid(f"cannot read {path.name}: {type(e).__name__}: {e}") from None
+    if not finite:
+        bad = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+        raise AdapterInvalid(f"weights contain NaN or infinity: {bad}")
+    return tensors
 
 
 def signature(directory: Path) -> tuple:
@@ -142,6 +184,7 @@ class AdapterStore:
             start = time.perf_counter()
             try:
                 weights = self._read(adapter_id, directory)
+                read_ms = (time.perf_counter() - start) * 1000
             except AdapterInvalid as e:
                 self.rejected[adapter_id] = (sig, str(e))
                 logger.warning("adapter %s rejected: %s", adapter_id, e)
@@ -161,7 +204,7 @@ class AdapterStore:
             with self.cond:
                 self.resident[adapter_id] = Resident(slot, sig)
             ms = (time.perf_counter() - start) * 1000
-            self.loads = [*self.loads[-255:], {"adapter": adapter_id, "ms": round(ms, 2)}]
+            self.loads = [*self.loads[-255:], {"adapter": adapter_id, "ms": round(ms, 2), "read_ms": round(read_ms, 2)}]
             if self.metrics:
                 self.metrics.loads.inc(tags={"adapter": adapter_id})
                 self.metrics.load_ms.observe(ms, tags={"adapter": adapter_id})
@@ -183,23 +226,13 @@ class AdapterStore:
         if unsupported:
             raise AdapterInvalid(f"saves full copies of {sorted(unsupported)}; only {sorted(SERVED_SAVED_MODULES)} "
                                  "can be served per request")
-        try:
-            tensors = load_file(directory / "adapter_model.safetensors")
-        except Exception as e:  # changed or damaged since the check
-            raise AdapterInvalid(f"cannot read adapter_model.safetensors: {e}") from None
         device, dtype = self.engine.device, self.engine.ctx.dtype
-        modules = {}
-        for path, m in checked.modules.items():
-            a, b = tensors[m.a_key], tensors[m.b_key]
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise AdapterInvalid(f"{path}: weights contain NaN or infinity")
-            modules[path] = (a.to(device, dtype), b.to(device, dtype), float(m.scaling))
+        tensors = read_safetensors(directory / "adapter_model.safetensors", device)
+        modules = {path: (tensors[m.a_key].to(dtype), tensors[m.b_key].to(dtype), float(m.scaling))
+                   for path, m in checked.modules.items()}
         head = None
         if "lm_head" in checked.saved_modules:
-            head = tensors[checked.saved_modules["lm_head"]]
-            if not torch.isfinite(head).all():
-                raise AdapterInvalid("lm_head: weights contain NaN or infinity")
-            head = head.to(device, self.engine.model.lm_head.weight.dtype)
+            head = tensors[checked.saved_modules["lm_head"]].to(self.engine.model.lm_head.weight.dtype)
         return {"modules": modules, "head": head}
 
     def _install(self, slot: int, weights: dict) -> None:

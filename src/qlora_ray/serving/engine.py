@@ -29,6 +29,11 @@ from qlora_ray.serving.t5_runner import T5Runner
 logger = logging.getLogger("ray.serve")
 
 
+# Rows encoded together when batch-invariant (a fixed shape; short groups are padded with copies).
+# On a GPU a whole batch: the encoder call is bound by kernel launches, not by its rows.
+CPU_PREFILL_GROUP = 4
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -44,6 +49,7 @@ class Row:
     seed: int | None = None
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks)
     # Filled in by the engine:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -56,8 +62,12 @@ class Row:
 
 class Engine:
     def __init__(self, model, tokenizer, ctx: SlotContext, *, max_rows: int, max_source: int, max_new: int,
-                 max_queued: int, cuda_graphs: bool):
+                 max_queued: int, cuda_graphs: bool, batch_invariant: bool = True):
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
+        # Batch invariance: every step and every encoder call has the same shapes whatever the
+        # batch holds, so each row's arithmetic, and its output, is the same bit for bit as
+        # when it is decoded alone (GPU kernels pick their algorithm by shape).
+        self.batch_invariant = batch_invariant
         self.runner = T5Runner(model, max_rows, max_source, max_new)
         self.device, self.max_rows, self.max_queued = self.runner.device, max_rows, max_queued
         gen = model.generation_config
@@ -155,16 +165,14 @@ class Engine:
     @torch.no_grad()
     def _prefill(self, rows: list[Row]) -> None:
         n0, n = len(self.active), len(rows)
-        length = max(len(r.input_ids) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((n, length), pad, dtype=torch.long)
-        mask = torch.zeros((n, length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
-            mask[i, : len(r.input_ids)] = 1
-        cache_rows = list(range(n0, n0 + n))
-        self.ctx.rows = torch.tensor([r.slot for r in rows], device=self.device)
-        self.runner.prefill(cache_rows, ids.to(self.device), mask.to(self.device))
+        if self.batch_invariant:  # fixed groups of rows x max_source tokens
+            group = self.max_rows if self.device.type == "cuda" else min(CPU_PREFILL_GROUP, self.max_rows)
+            for start in range(0, n, group):
+                chunk = rows[start : start + group]
+                self._encode(n0 + start, chunk + [chunk[-1]] * (group - len(chunk)), len(chunk),
+                             self.runner.max_source)
+        else:
+            self._encode(n0, rows, n, max(len(r.input_ids) for r in rows))
         index = slice(n0, n0 + n)
         self.tokens[index] = self.start_token
         self.positions[index] = 0
@@ -182,21 +190,39 @@ class Engine:
         self.active.extend(rows)
         self.source_lens.extend(len(r.input_ids) for r in rows)
 
+    def _encode(self, first_row: int, rows: list[Row], keep: int, length: int) -> None:
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+            mask[i, : len(r.input_ids)] = 1
+        self.ctx.rows = torch.tensor([r.slot for r in rows], device=self.device)
+        self.runner.prefill(list(range(first_row, first_row + keep)), ids.to(self.device), mask.to(self.device))
+
     @torch.no_grad()
     def _step(self) -> None:
         n = len(self.active)
+        width = self.max_rows if self.batch_invariant else n  # rows computed
         if self.graphs is not None:
-            hidden = self.graphs.step(n)
+            hidden = self.graphs.step(width)
+        elif self.batch_invariant:
+            self.ctx.rows = self.slots
+            hidden = self.runner.step(self.tokens, self.positions)
         else:
             self.ctx.rows = self.slots[:n]
             key_len = max(len(r.tokens) for r in self.active) + 1
             hidden = self.runner.step(self.tokens[:n], self.positions[:n], key_len, max(self.source_lens))
-        self.ctx.rows = self.slots[:n]
+        self.ctx.rows = self.slots[:width]
         logits = self.model.lm_head(hidden).float()
         own_heads = {r.slot for r in self.active if r.slot in self.heads}
         for slot in own_heads:
             index = torch.tensor([i for i, r in enumerate(self.active) if r.slot == slot], device=self.device)
-            logits[index] = F.linear(hidden.index_select(0, index), self.heads[slot]).float()
+            if self.batch_invariant:  # the head over every row (fixed shape), then this adapter's rows
+                logits[index] = F.linear(hidden, self.heads[slot]).float().index_select(0, index)
+            else:
+                logits[index] = F.linear(hidden.index_select(0, index), self.heads[slot]).float()
+        logits = logits[:n]
         # repetition_penalty, as transformers applies it: seen tokens' logits shrink toward 0... or below it
         penalty = self.penalty[:n, None]
         penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
@@ -214,7 +240,7 @@ class Engine:
         for i, (r, token) in enumerate(zip(self.active, chosen.tolist(), strict=True)):
             if r.cancelled:
                 r.finish_reason = "cancelled"
-            elif token in self.eos:
+            elif token in self.eos and not r.ignore_eos:
                 r.finish_reason = "stop"
             else:
                 r.tokens.append(token)
@@ -292,6 +318,8 @@ class CudaGraphs:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.buckets = sorted({min(2**i, engine.max_rows) for i in range(engine.max_rows.bit_length() + 1)})
+        if engine.batch_invariant:
+            self.buckets = [engine.max_rows]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.version = -1
         self.pool = None

@@ -64,8 +64,9 @@ class MultiLoraLinear(nn.Module):
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         r = a.shape[0]
         self.reserve_rank(r)
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        if r < self.rank:  # the rest of the slot must be zeros
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_b[slot, :, :r].copy_(b, non_blocking=True)
         self.scale[slot] = scale

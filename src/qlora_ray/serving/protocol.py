@@ -22,6 +22,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)  # cut the text before the first of these
     seed: int | None = None  # sampling seed; choice j of a prompt uses seed + j
     request_id: str = ""
+    ignore_eos: bool = False  # generate max_new_tokens even past end-of-sequence (vLLM's extension; benchmarks)
 
 
 @dataclass

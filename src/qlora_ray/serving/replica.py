@@ -107,7 +107,7 @@ class AdapterModel:
         ctx = SlotContext(capacity, device, dtype)
         self.engine = Engine(model, self.tokenizer, ctx, max_rows=settings.max_batch_size, max_source=max_source,
                              max_new=settings.max_new_tokens_limit, max_queued=settings.max_queued_requests,
-                             cuda_graphs=settings.cuda_graphs)
+                             cuda_graphs=settings.cuda_graphs, batch_invariant=settings.batch_invariant)
         self.metrics = ReplicaMetrics()
         self.store = AdapterStore(self.engine, base, self.registry, base_model=self.base_model,
                                   max_bytes=settings.max_adapter_bytes, load_settings=load, metrics=self.metrics)
@@ -232,7 +232,8 @@ class AdapterModel:
                 seed = None if request.seed is None else request.seed + j
                 rows.append(Row(input_ids=ids, slot=slot, max_new_tokens=max_new, on_event=None,
                                 temperature=request.temperature, top_p=request.top_p, seed=seed,
-                                repetition_penalty=float(penalty), stop=list(request.stop)))
+                                repetition_penalty=float(penalty), stop=list(request.stop),
+                                ignore_eos=request.ignore_eos))
         return rows
 
     def _completion(self, request: GenerationRequest, rows: list[Row], i: int) -> Completion:

@@ -15,13 +15,31 @@ class ServeSettings:
     num_replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float | None = None  # None: 1 per replica when the cluster has GPUs, else 0
-    max_adapters_per_replica: int = 4  # LRU-bounded adapters held beside the base
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
+    # Adapters resident per replica beside the base (LRU; the registry's default is pinned
+    # on top of this). Serve routes an adapter's requests to replicas that hold it.
+    max_adapters_per_replica: int = 8
+    max_adapter_bytes: int = 2 * 1024**3  # an adapter's safetensors file; bigger ones are rejected
+    # The batching engine: rows (prompt x choice) decoded together in one step; new rows
+    # join between steps.
+    max_batch_size: int = 16
+    max_queued_requests: int = 256  # per replica, waiting for a row slot; beyond this: 503
+    base_weights: str = "4bit"  # "4bit" (NF4, the trained base) or "bf16" (dequantized once: faster, 4x memory)
+    cuda_graphs: bool = True  # capture the decode step (GPU only)
+    # A request's output is the same bit for bit whatever else is in its batch: every step and
+    # encoder call has one shape (computes max_batch_size rows even when fewer are active).
+    batch_invariant: bool = True
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 256
     max_text_chars: int = 20_000  # per text; the model truncates to its own source length
     max_texts: int = 32  # per request
+    max_body_bytes: int = 1024**2  # a request body; checked before it is parsed
+    request_timeout_s: float = 120.0
+    # Browser protection: requests whose Host is not one of these get 400 (DNS rebinding),
+    # requests with an Origin header not listed get 403. "*" allows any.
+    allowed_hosts: str = "localhost,127.0.0.1,[::1]"
+    allowed_origins: str = ""
+    show_paths: bool = False  # listings show local filesystem paths (else only their last part)
+    registry_poll_s: float = 2.0  # how often replicas look for registry changes
 
     @classmethod
     def load(cls, args: dict | None = None) -> ServeSettings:
@@ -36,7 +54,22 @@ class ServeSettings:
             raise ValueError(f"unknown serve setting(s): {sorted(unknown)}")
         values.update(args or {})
         types = {f.name: f.type for f in dataclasses.fields(cls)}
-        return cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        settings = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("num_replicas", "max_adapters_per_replica", "max_batch_size", "max_queued_requests",
+                     "default_max_new_tokens", "max_new_tokens_limit", "max_text_chars", "max_texts",
+                     "max_body_bytes", "max_adapter_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"serve setting {name} must be positive, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"serve setting request_timeout_s must be positive, got {self.request_timeout_s}")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("serve setting default_max_new_tokens must be between 1 and max_new_tokens_limit")
+        if self.base_weights not in ("4bit", "bf16"):
+            raise ValueError(f"serve setting base_weights must be 4bit or bf16, got {self.base_weights!r}")
 
 
 def _coerce(name: str, value, type_name: str):
@@ -45,6 +78,14 @@ def _coerce(name: str, value, type_name: str):
             return None
         raise ValueError(f"serve setting {name} needs a value")
     try:
+        if type_name.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         if type_name.startswith("int"):
             return int(value)
         if type_name.startswith("float"):

@@ -57,18 +57,20 @@ class T5Runner:
 
     @torch.no_grad()
     def prefill(self, cache_rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Encode the joining rows (LoRA slots already set on the context) into their cache rows."""
+        """Encode rows (LoRA slots already set on the context); the first len(cache_rows) go to those
+        cache rows (the rest are padding for a fixed shape)."""
         encoded = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         n, length = input_ids.shape
+        m = len(cache_rows)
         index = torch.tensor(cache_rows, device=self.device)
         for layer, block in enumerate(self.blocks):
             attention = block.layer[1].EncDecAttention
             k = attention.k(encoded).view(n, length, self.heads, self.head_dim).transpose(1, 2)
             v = attention.v(encoded).view(n, length, self.heads, self.head_dim).transpose(1, 2)
-            self.cross_k[layer, index, :, :length] = k.to(self.dtype)
-            self.cross_v[layer, index, :, :length] = v.to(self.dtype)
-        mask = torch.full((n, self.max_source), self.min_value, device=self.device, dtype=self.dtype)
-        mask[:, :length].masked_fill_(attention_mask.bool(), 0.0)
+            self.cross_k[layer, index, :, :length] = k[:m].to(self.dtype)
+            self.cross_v[layer, index, :, :length] = v[:m].to(self.dtype)
+        mask = torch.full((m, self.max_source), self.min_value, device=self.device, dtype=self.dtype)
+        mask[:, :length].masked_fill_(attention_mask[:m].bool(), 0.0)
         self.cross_mask[index] = mask
 
     def move_row(self, src: int, dst: int) -> None:
