@@ -117,9 +117,15 @@ class AdapterModel:
         if self.engine.graphs is not None:
             seconds = self.engine.call(self.engine.graphs.capture_all).result()
             logger.info("captured the decode step for %s rows in %.1f s", self.engine.graphs.buckets, seconds)
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)(
-            self._multiplexed_load
-        )
+        store = self.store
+
+        # Serve caches its LRU wrapper on the decorated function, so a plain function (not a
+        # bound method), decorated at run time because the bound comes from settings.
+        async def load(adapter_id: str) -> _Handle:
+            await store.load(adapter_id)
+            return _Handle(store, adapter_id)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)(load)
         threading.Thread(target=self._watch_registry, name="qlora-ray-registry", daemon=True).start()
 
     # ---- Serve API (called through the Api deployment's handle) ----
@@ -247,10 +253,6 @@ class AdapterModel:
     def _task(self, adapter_id: str | None) -> dict:
         entry = self._entry(adapter_id) if adapter_id else None
         return entry_task(self.index, entry) if entry else (self.index.get("task") or {})
-
-    async def _multiplexed_load(self, adapter_id: str) -> _Handle:
-        await self.store.load(adapter_id)
-        return _Handle(self.store, adapter_id)
 
     def _reserve_ranks(self, base: BaseSpec) -> None:
         """Wrap every layer some registered adapter targets, sized for its rank, before any
