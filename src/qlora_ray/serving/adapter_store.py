@@ -163,7 +163,7 @@ class AdapterStore:
     async def load(self, adapter_id: str) -> None:
         await asyncio.to_thread(self.load_blocking, adapter_id)
 
-    def load_blocking(self, adapter_id: str) -> None:
+    def load_blocking(self, adapter_id: str, *, startup: bool = False) -> None:
         """Make the adapter resident; raises AdapterRejected with the reason."""
         with self.cond:
             lock = self.loading.setdefault(adapter_id, threading.Lock())
@@ -204,7 +204,8 @@ class AdapterStore:
             with self.cond:
                 self.resident[adapter_id] = Resident(slot, sig)
             ms = (time.perf_counter() - start) * 1000
-            self.loads = [*self.loads[-255:], {"adapter": adapter_id, "ms": round(ms, 2), "read_ms": round(read_ms, 2)}]
+            load = {"adapter": adapter_id, "ms": round(ms, 2), "read_ms": round(read_ms, 2)}
+            self.loads = [*self.loads[-255:], load | ({"startup": True} if startup else {})]
             if self.metrics:
                 self.metrics.loads.inc(tags={"adapter": adapter_id})
                 self.metrics.load_ms.observe(ms, tags={"adapter": adapter_id})

@@ -113,7 +113,7 @@ class AdapterModel:
                                   max_bytes=settings.max_adapter_bytes, load_settings=load, metrics=self.metrics)
         self._reserve_ranks(base)
         self._index_mtime = self._mtime()
-        self._pin_default()
+        self._pin_default(startup=True)
         if self.engine.graphs is not None:
             seconds = self.engine.call(self.engine.graphs.capture_all).result()
             logger.info("captured the decode step for %s rows in %.1f s", self.engine.graphs.buckets, seconds)
@@ -268,14 +268,14 @@ class AdapterModel:
                 ranks[path] = max(ranks.get(path, 0), m.r)
         self.engine.call(lambda: self.store.reserve(ranks)).result()
 
-    def _pin_default(self) -> None:
+    def _pin_default(self, *, startup: bool = False) -> None:
         default = self.index.get("default")
         old, self.store.pinned = self.store.pinned, default
         if old and old != default:
             self.store.evict(old)  # unpinned: evicted unless the multiplexer or rows still use it
         if default:
             try:
-                self.store.load_blocking(default)
+                self.store.load_blocking(default, startup=startup)
             except AdapterRejected as e:
                 logger.warning("the default adapter %s is rejected: %s", default, e)
 
