@@ -23,9 +23,9 @@ for _ in $(seq 1 90); do curl -sf localhost:8000/healthz >/dev/null && break; sl
 {
   curl -s localhost:8000/v1/adapters | python3 -c "import json,sys; d=json.load(sys.stdin); print('default', d['default'], len(d['adapters']), 'adapters')"
   for id in $(python3 -c "import json; print(' '.join(a['id'] for a in json.load(open('/tmp/gpu-runs/registry/index.json'))['adapters'][:2]))"); do
-    curl -s localhost:8000/v1/summarize -d "{\"text\": [\"def add(a, b):\\n    return a + b\", \"def read(path):\\n    with open(path) as f:\\n        return f.read()\"], \"adapter\": \"$id\"}"; echo
+    curl -s localhost:8000/v1/summarize -H "Content-Type: application/json" -d "{\"text\": [\"def add(a, b):\\n    return a + b\", \"def read(path):\\n    with open(path) as f:\\n        return f.read()\"], \"adapter\": \"$id\"}"; echo
   done
-  curl -s -w " %{http_code}\n" localhost:8000/v1/summarize -d '{"text": "x", "adapter": "../etc"}'
+  curl -s -w " %{http_code}\n" localhost:8000/v1/summarize -H "Content-Type: application/json" -d '{"text": "x", "adapter": "../etc"}'
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv
 } 2>&1 | tee "$out/serve_requests.txt"
 ray stop --force > /dev/null 2>&1
