@@ -175,8 +175,8 @@ def strings(value) -> list[str]:
 class registered_adapter:
     """A context manager: an adapter directory added to the registry's index, removed after."""
 
-    def __init__(self, server: ServeApp, adapter_id: str, *, weights: bytes | None = None):
-        self.server, self.id, self.weights = server, adapter_id, weights
+    def __init__(self, server: ServeApp, adapter_id: str, *, weights: bytes | None = None, config: dict | None = None):
+        self.server, self.id, self.weights, self.config = server, adapter_id, weights, config
 
     def __enter__(self) -> str:
         index = self.server.index()
@@ -185,6 +185,9 @@ class registered_adapter:
         shutil.copytree(source, target)
         if self.weights is not None:
             (target / "adapter_model.safetensors").write_bytes(self.weights)
+        if self.config is not None:
+            config = json.loads((target / "adapter_config.json").read_text())
+            (target / "adapter_config.json").write_text(json.dumps(config | self.config))
         entry = dict(next(a for a in index["adapters"] if a["id"] == index["default"]), id=self.id)
         index["adapters"].append(entry)
         self.server.write_index(index)
@@ -456,20 +459,71 @@ def test_registry_changes_are_seen_without_restart(server):
     assert_serving(server)
 
 
-def test_rejected_adapter_is_listed_with_its_reason_and_refused(server):
-    with registered_adapter(server, "broken-weights", weights=b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"):
+def qlora_ray_cli(server: ServeApp, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qlora_ray.registry_cli", "--registry", str(server.registry), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_registry_import_promote_remove_are_seen_live(server, tmp_path):
+    """The `qlora-ray` command against a running server: no restart, every change seen within seconds."""
+    index = server.index()
+    default, other = index["default"], index["adapters"][1]["id"]
+    external = tmp_path / "trained-elsewhere"  # a PEFT adapter directory from outside the registry
+    external.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(server.registry / other / name, external / name)
+
+    def listing():
+        return requests.get(f"{server.url}/v1/adapters", timeout=30).json()
+
+    proc = qlora_ray_cli(server, "import", str(external), "--id", "imported-live")
+    assert proc.returncode == 0, proc.stderr
+    entry = wait_for(lambda: next((a for a in listing()["adapters"] if a["id"] == "imported-live"), None),
+                     what="the imported adapter in the listing")
+    assert entry["status"] == "ready"
+    r = summarize(server, {"text": SOURCES[0], "adapter": "imported-live", "max_new_tokens": 8})
+    expected = summarize(server, {"text": SOURCES[0], "adapter": other, "max_new_tokens": 8})
+    assert r.status_code == 200 and r.json()["summary"] == expected.json()["summary"]  # the same weights
+
+    assert qlora_ray_cli(server, "promote", "imported-live").returncode == 0
+    wait_for(lambda: listing()["default"] == "imported-live", what="the promoted default")
+    r = wait_for(lambda: (r := summarize(server, {"text": SOURCES[0], "max_new_tokens": 8})).json().get("adapter")
+                 == "imported-live" and r, what="requests without an adapter to use the new default")
+    assert r.status_code == 200
+
+    proc = qlora_ray_cli(server, "remove", "imported-live", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: summarize(server, {"text": "x", "adapter": "imported-live"}).status_code == 404,
+             what="the removed adapter to be unknown")
+    assert listing()["default"] == default  # the best remaining by the metric
+    assert summarize(server, {"text": SOURCES[0], "max_new_tokens": 4}).json()["adapter"] == default
+
+
+def damaged(server: ServeApp, how: str) -> dict:
+    weights = (server.registry / server.index()["default"] / "adapter_model.safetensors").read_bytes()
+    config = json.loads((server.registry / server.index()["default"] / "adapter_config.json").read_text())
+    return {"header": {"weights": b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"},
+            "truncated": {"weights": weights[: len(weights) * 2 // 3]},
+            "rank": {"config": {"r": config["r"] * 2}}}[how]
+
+
+@pytest.mark.parametrize("how", ["header", "truncated", "rank"])
+def test_rejected_adapter_is_listed_with_its_reason_and_refused(server, how):
+    adapter_id = f"broken-{how}"
+    with registered_adapter(server, adapter_id, **damaged(server, how)):
         def listed():
             body = requests.get(f"{server.url}/v1/adapters", timeout=30).json()
-            return next((a for a in body["adapters"] if a["id"] == "broken-weights"), None)
+            return next((a for a in body["adapters"] if a["id"] == adapter_id), None)
 
         entry = wait_for(listed, what="the broken adapter in the listing")
         assert entry["status"] == "rejected" and entry["reason"], entry
         assert str(server.registry) not in entry["reason"]
-        r = summarize(server, {"text": SOURCES[0], "adapter": "broken-weights"})
-        assert r.status_code == 422 and "rejected" in r.json()["error"], r.text
+        for _ in range(2):  # never a 200, not even after a first failure
+            r = summarize(server, {"text": SOURCES[0], "adapter": adapter_id})
+            assert r.status_code == 422 and "rejected" in r.json()["error"], r.text
         # The others are fine.
         assert all(a["status"] == "ready" for a in requests.get(f"{server.url}/v1/adapters", timeout=30)
-                   .json()["adapters"] if a["id"] != "broken-weights")
+                   .json()["adapters"] if not a["id"].startswith("broken-"))
     assert_serving(server)
 
 

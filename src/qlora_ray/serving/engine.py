@@ -218,8 +218,9 @@ class Engine:
         own_heads = {r.slot for r in self.active if r.slot in self.heads}
         for slot in own_heads:
             index = torch.tensor([i for i, r in enumerate(self.active) if r.slot == slot], device=self.device)
-            if self.batch_invariant:  # the head over every row (fixed shape), then this adapter's rows
-                logits[index] = F.linear(hidden, self.heads[slot]).float().index_select(0, index)
+            if self.batch_invariant:  # row by row: one shape, however many rows share the adapter
+                for i in index.tolist():
+                    logits[i] = F.linear(hidden[i : i + 1], self.heads[slot]).float()[0]
             else:
                 logits[index] = F.linear(hidden.index_select(0, index), self.heads[slot]).float()
         logits = logits[:n]
