@@ -1,5 +1,8 @@
 """The batching engine in process (no Serve): mixed-adapter batches against PEFT, joining rows,
-damaged adapters, residency. Real 4-bit tiny T5, real PEFT adapters on disk."""
+damaged adapters, residency. Real 4-bit tiny T5, real PEFT adapters on disk.
+
+On a machine with a GPU the engine runs there, with its CUDA-graph decode step (run this file
+through the device tool to check GPU behaviour)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ SPECS = {
     "a2": {"r": 16, "lora_alpha": 8, "target_modules": ["q", "v"], "modules_to_save": ["lm_head"]},
 }
 NEW_TOKENS = 20
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,10 @@ def make_engine(setup, *, max_rows=8, batch_invariant=True, capacity=8):
     model = load_base_model(setup["path"], ModelSettings())
     model.eval()
     base = BaseSpec.from_model(model, setup["path"])
-    engine = Engine(model, setup["tokenizer"], SlotContext(capacity, torch.device("cpu"), torch.float32),
-                    max_rows=max_rows, max_source=256, max_new=64, max_queued=64, cuda_graphs=False,
+    device = next(p for p in model.parameters() if p.is_floating_point()).device
+    dtype = model.get_decoder().final_layer_norm.weight.dtype
+    engine = Engine(model, setup["tokenizer"], SlotContext(capacity, device, dtype),
+                    max_rows=max_rows, max_source=256, max_new=64, max_queued=64, cuda_graphs=CUDA,
                     batch_invariant=batch_invariant)
     store = AdapterStore(engine, base, setup["registry"], base_model=setup["path"], max_bytes=10**9,
                          load_settings={"quant_type": "nf4", "double_quant": True})
@@ -108,7 +114,9 @@ def run(engine: Engine, rows: list[Row], stagger: float = 0.0) -> list[Row]:
     return rows
 
 
-@pytest.mark.parametrize("batch_invariant", [True, False])
+# Without batch invariance a GPU picks kernels by batch shape, so near-ties may differ (the option's
+# documented cost); on the CPU both modes must match.
+@pytest.mark.parametrize("batch_invariant", [True] if CUDA else [True, False])
 def test_mixed_batch_equals_each_request_alone(setup, batch_invariant):
     engine, store = make_engine(setup, batch_invariant=batch_invariant)
     try:
@@ -123,9 +131,10 @@ def test_mixed_batch_equals_each_request_alone(setup, batch_invariant):
         for (adapter_id, text), m, s, j in zip(pairs, mixed, alone, joined, strict=True):
             assert m.finish_reason in ("stop", "length") and m.error is None
             assert m.tokens == s.tokens == j.tokens, (adapter_id, text)
-        # ... and the same text transformers + PEFT generate for that adapter alone.
+        # ... and the same text transformers + PEFT generate for that adapter alone (in fp32 on the
+        # CPU; on a GPU transformers' own kernels round differently in bf16).
         for (adapter_id, text), m in zip(pairs, mixed, strict=True):
-            if text in TEXTS[:2]:
+            if text in TEXTS[:2] and not CUDA:
                 assert m.text == peft_alone(setup, adapter_id, text), (adapter_id, text)
         assert len({tuple(m.tokens) for m in mixed}) > 4  # the adapters really differ
     finally:
@@ -147,6 +156,8 @@ def test_sampling_stop_strings_and_lengths(setup):
         engine.close()
 
 
+@pytest.mark.skipif(CUDA, reason="an out-of-range token id is a device-side assert on CUDA; the replica "
+                                  "refuses such ids before they reach the engine")
 def test_a_bad_row_fails_alone(setup):
     engine, store = make_engine(setup, batch_invariant=False)
     try:

@@ -101,6 +101,7 @@ class AdapterModel:
             dequantize(model, dtype)
         device = next(p for p in model.parameters() if p.is_floating_point()).device
         self.model = model
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         tasks = [entry_task(self.index, e) for e in self.index.get("adapters", [])] + [self.index.get("task") or {}]
         max_source = max(int(t.get("max_source_length") or 512) for t in tasks)
         capacity = settings.max_adapters_per_replica + 4  # + base, pinned default, two in flight while evicted
@@ -234,6 +235,8 @@ class AdapterModel:
                 return error("invalid_request", f"prompt {p} cannot be tokenized: {type(e).__name__}")
             if not ids:
                 return error("invalid_request", f"prompt {p} is empty after tokenization")
+            if max(ids) >= self.vocab_size:  # a tokenizer larger than the model's embedding
+                return error("invalid_request", f"prompt {p} has a token id the model does not have")
             for j in range(request.n):
                 seed = None if request.seed is None else request.seed + j
                 rows.append(Row(input_ids=ids, slot=slot, max_new_tokens=max_new, on_event=None,
