@@ -96,6 +96,13 @@ class Engine:
     # ---- called from other threads ----
 
     def submit(self, rows: list[Row]) -> None:
+        for r in rows:  # what would index outside the static buffers (a device-side assert on CUDA)
+            if not 0 < len(r.input_ids) <= self.runner.max_source:
+                raise ValueError(f"a row needs 1 to {self.runner.max_source} input tokens, got {len(r.input_ids)}")
+            if not 1 <= r.max_new_tokens <= self.runner.max_new:
+                raise ValueError(f"max_new_tokens must be 1 to {self.runner.max_new}, got {r.max_new_tokens}")
+            if not 0 <= r.slot < self.ctx.capacity:
+                raise ValueError(f"no LoRA slot {r.slot}")
         with self.wake:
             if len(self.queue) + len(rows) > self.max_queued:
                 raise QueueFull(f"{len(self.queue)} rows are waiting; the limit is {self.max_queued}")

@@ -201,6 +201,10 @@ class AdapterModel:
             except QueueFull as e:
                 yield error("queue_full", f"the replica is busy ({e}); retry later")
                 return
+            except ValueError as e:
+                rows.clear()
+                yield error("invalid_request", str(e))
+                return
             pending = len(rows)
             index = {id(r): i for i, r in enumerate(rows)}
             while pending:
