@@ -63,15 +63,29 @@ def test_resume_finishes_without_rerunning(sweep):
     assert json.loads(summaries[0].read_text())["trials"] == 4
 
 
-def _trial_pids() -> list[int]:
-    pids = []
+def _trial_pids(root: int) -> list[int]:
+    """Tune trial workers started under `root` (the sweep this test runs: its driver started its own
+    Ray, whose workers descend from it); never another session's processes."""
+    parents, names = {}, {}
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
-                pids.append(int(proc.name))
-        except OSError:
+            if proc.name.isdigit():
+                stat = (proc / "stat").read_text()
+                parents[int(proc.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+                names[int(proc.name)] = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
             pass
-    return pids
+
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid > 1 and pid not in seen:
+            if pid == root:
+                return True
+            seen.add(pid)
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid, cmd in names.items() if cmd.startswith(b"ray::ImplicitFunc") and descends(pid)]
 
 
 def test_a_crashed_trial_loses_nothing_else(custom_jsonl, tmp_path):
@@ -96,8 +110,8 @@ def test_a_crashed_trial_loses_nothing_else(custom_jsonl, tmp_path):
     deadline = time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         # Kill the first trial once it has reported (so it has a checkpoint) and is training on.
-        if list(out.glob("tune/sweep-*/trial-*/checkpoint_000000")) and _trial_pids():
-            killed = _trial_pids()[0]
+        if list(out.glob("tune/sweep-*/trial-*/checkpoint_000000")) and _trial_pids(proc.pid):
+            killed = _trial_pids(proc.pid)[0]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.5)
     output, _ = proc.communicate(timeout=600)
