@@ -59,3 +59,29 @@ def test_only_registered_ids_resolve(tmp_path):
     (tmp_path / "registry" / "stray").mkdir()
     with pytest.raises(UnknownAdapter):
         reg.adapter_dir("stray")
+
+
+def test_nan_metrics_rank_last_and_are_stored_as_null(tmp_path):
+    """A NaN metric (a diverged trial) never becomes the default and reaches index.json as null."""
+    import math
+
+    from qlora_ray.registry import Candidate, Registry, metric_rank_key
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "adapter_model.safetensors").write_bytes(b"")
+    (source / "adapter_config.json").write_text("{}")
+    candidates = [Candidate(f"a{i}", source, {"rougeL": v, "eval_loss": v}, {}, str(i), 1)
+                  for i, v in enumerate([float("nan"), 0.2, float("inf"), 0.3])]
+    registry = Registry(tmp_path / "registry")
+    registry.publish(candidates, base_model="base", base_metrics={"rougeL": float("nan")}, task={},
+                     metric="rougeL", mode="max", sweep="s")
+    text = (tmp_path / "registry" / "index.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    index = registry.read()
+    assert index["default"] == "a3"
+    assert [a["id"] for a in index["adapters"]][:2] == ["a3", "a1"]
+    assert index["adapters"][-1]["metrics"]["rougeL"] is None and index["base_metrics"]["rougeL"] is None
+    for mode in ("max", "min"):
+        keys = sorted([0.5, math.nan, None, 0.1, math.inf], key=lambda v: metric_rank_key(v, mode))
+        assert keys[:2] == ([0.5, 0.1] if mode == "max" else [0.1, 0.5])

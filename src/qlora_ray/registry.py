@@ -28,6 +28,7 @@ import copy
 import fcntl
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -250,13 +251,14 @@ class Registry:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
                 index["adapters"].append({
-                    "id": c.adapter_id, "metrics": c.metrics, "hyperparameters": c.hyperparameters,
+                    "id": c.adapter_id, "metrics": finite_metrics(c.metrics), "hyperparameters": c.hyperparameters,
                     "base_model": base_model, "created": created, "load": dict(load), "task": copy.deepcopy(task),
                     "sweep": sweep, "trial_id": c.trial_id, "step": c.step,
                 })
                 known.add(c.adapter_id)
                 published.append(c.adapter_id)
-            index.update(base_model=base_model, base_metrics=base_metrics, task=task, load=load, metric=metric,
+            index.update(base_model=base_model, base_metrics=finite_metrics(base_metrics), task=task, load=load,
+                         metric=metric,
                          mode=mode)
             self._settle_default(index)
             self._write(index)
@@ -447,8 +449,17 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _rank_key(entry: dict, metric: str, mode: str) -> tuple:
-    value = entry.get("metrics", {}).get(metric)
-    if value is None:
+def metric_rank_key(value, mode: str) -> tuple:
+    """Sort key, best first; a missing, NaN or infinite value ranks after every real one."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
         return (1, 0.0)
     return (0, -value if mode == "max" else value)
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """The metrics with NaN and infinities as None: JSON has no NaN (json.dumps would write a bare NaN)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in (metrics or {}).items()}
+
+
+def _rank_key(entry: dict, metric: str, mode: str) -> tuple:
+    return metric_rank_key((entry.get("metrics") or {}).get(metric), mode)

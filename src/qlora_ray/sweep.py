@@ -12,10 +12,19 @@ import yaml
 from ray import tune
 
 from qlora_ray import search
-from qlora_ray.config import Config, ConfigError, merge
+from qlora_ray.config import METRICS, Config, ConfigError, merge
 from qlora_ray.data import TokenizedData, load_raw, tokenize
 from qlora_ray.model import Architecture, inspect_architecture, load_tokenizer, resolve_model_path
-from qlora_ray.registry import Candidate, Registry, RegistryError, load_settings, make_adapter_id, task_settings
+from qlora_ray.registry import (
+    Candidate,
+    Registry,
+    RegistryError,
+    finite_metrics,
+    load_settings,
+    make_adapter_id,
+    metric_rank_key,
+    task_settings,
+)
 from qlora_ray.trial import TRIAL_INFO, evaluate_base, run_trial
 
 SWEEP_CONFIG = "config.yaml"  # the settings a sweep ran with, for --resume
@@ -124,12 +133,19 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
             ),
         )
     results = tuner.fit()
+    base_metrics = {}
     if base_task is not None:
-        base_file.write_text(json.dumps(ray.get(base_task), indent=2))
-    base_metrics = json.loads(base_file.read_text())
+        try:
+            base_file.write_text(json.dumps(finite_metrics(ray.get(base_task)), indent=2))
+        except Exception as e:  # the trials' adapters are still worth publishing
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"WARNING: the base model's evaluation failed ({reason}); publishing without base metrics")
+    if base_file.is_file():
+        base_metrics = json.loads(base_file.read_text())
 
     rows = _collect(results, config)
-    ranked = sorted((r for r in rows if r["best"]), key=lambda r: r["best"][s.metric], reverse=s.mode == "max")
+    # Best first; a NaN or missing metric ranks last (NaN compares false both ways and would sort anywhere).
+    ranked = sorted((r for r in rows if r["best"]), key=lambda r: metric_rank_key(r["best"].get(s.metric), s.mode))
     registry = Registry(config.registry_dir)
     # Recorded on each entry: how its base was loaded and how it was evaluated (serving uses the same).
     task = task_settings(config.data, num_beams=config.train.num_beams, base_model=prepared.model_path)
@@ -175,8 +191,7 @@ def _collect(results, config: Config) -> list[dict]:
         checkpoint = result.get_best_checkpoint(s.metric, s.mode) if result.best_checkpoints else None
         best = None
         if result.best_checkpoints:
-            best = max((m for _, m in result.best_checkpoints),
-                       key=lambda m: m[s.metric] if s.mode == "max" else -m[s.metric])
+            best = min((m for _, m in result.best_checkpoints), key=lambda m: metric_rank_key(m.get(s.metric), s.mode))
         evals = metrics.get("training_iteration", 0)
         if result.error:
             status = "error"
@@ -189,12 +204,17 @@ def _collect(results, config: Config) -> list[dict]:
             "hyperparameters": result.config,
             "status": status,
             "evals": evals,
-            "best": {k: best[k] for k in ("rougeL", "rouge1", "rouge2", "eval_loss", "step") if k in best}
-            if best else None,
+            "best": finite_metrics({k: best[k] for k in (*METRICS, "step") if k in best}) if best else None,
             "checkpoint": checkpoint,
             "error": str(result.error).splitlines()[0] if result.error else None,
         })
     return rows
+
+
+def _metrics_columns(metrics: dict) -> str:
+    """rougeL rouge1 rouge2 loss, 7 wide each; '-' for a missing or NaN value (stored as null)."""
+    values = [metrics.get(k) for k in ("rougeL", "rouge1", "rouge2", "eval_loss")]
+    return " ".join(f"{v:>7.4f}" if isinstance(v, (int, float)) else f"{'-':>7}" for v in values)
 
 
 def leaderboard(summary: dict, config: Config, index: dict) -> str:
@@ -208,14 +228,12 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
         mark = "*" if make_adapter_id(summary["sweep"], row["trial_id"]) in published else " "
         lines.append(
             f"{i:>2}{mark} {row['trial_id']:<10} {hp['r']:>3} {hp['lora_alpha']:>5} {hp['learning_rate']:>9.2e} "
-            f"{hp['target_modules']:<11} {row['evals']:>5} {row['status']:<13} {m['rougeL']:>7.4f} "
-            f"{m['rouge1']:>7.4f} {m['rouge2']:>7.4f} {m['eval_loss']:>7.4f}"
+            f"{hp['target_modules']:<11} {row['evals']:>5} {row['status']:<13} {_metrics_columns(m)}"
         )
     for row in summary["failed"]:
         lines.append(f"   {row['trial_id']:<10} failed before its first evaluation: {row['error']}")
-    b = summary["base_metrics"]
-    lines.append(f"{'':>3} {'base model':<52} {'':<13} {b['rougeL']:>7.4f} {b['rouge1']:>7.4f} "
-                 f"{b['rouge2']:>7.4f} {b['eval_loss']:>7.4f}")
+    lines.append(f"{'':>3} {'base model':<52} {'':<13} {_metrics_columns(summary['base_metrics'])}"
+                 + ("" if summary["base_metrics"] else "  (its evaluation failed)"))
     lines.append(
         f"\n{summary['trials']} trials in {summary['wall_s']:.0f} s: {summary['completed']} completed, "
         f"{summary['stopped_early']} stopped early by ASHA, {summary['errored']} errored."
