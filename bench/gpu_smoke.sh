@@ -18,7 +18,9 @@ python3 experiments/tune_t5.py --output-dir /tmp/gpu-runs --num-samples "${SAMPL
 echo "sweep wall: $(( $(date +%s) - start )) s" | tee -a "$out/sweep.log"
 cp /tmp/gpu-runs/sweeps/*/summary.json "$out/summary.json" 2>/dev/null
 # `serve run serve.app`, through python3: the bundle's console scripts point at another interpreter.
-QLORA_RAY_REGISTRY=/tmp/gpu-runs/registry python3 -c "from ray.serve.scripts import cli; cli()" run serve.app > "$out/serve.log" 2>&1 &
+# In its own session, so that stopping it (and the Ray instance it started) touches nothing else.
+QLORA_RAY_REGISTRY=/tmp/gpu-runs/registry setsid python3 -c "from ray.serve.scripts import cli; cli()" run serve.app > "$out/serve.log" 2>&1 &
+serve_pid=$!
 for _ in $(seq 1 90); do curl -sf localhost:8000/healthz >/dev/null && break; sleep 2; done
 {
   curl -s localhost:8000/v1/adapters | python3 -c "import json,sys; d=json.load(sys.stdin); print('default', d['default'], len(d['adapters']), 'adapters')"
@@ -28,4 +30,4 @@ for _ in $(seq 1 90); do curl -sf localhost:8000/healthz >/dev/null && break; sl
   curl -s -w " %{http_code}\n" localhost:8000/v1/summarize -H "Content-Type: application/json" -d '{"text": "x", "adapter": "../etc"}'
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv
 } 2>&1 | tee "$out/serve_requests.txt"
-ray stop --force > /dev/null 2>&1
+kill -INT -- "-$serve_pid" 2>/dev/null; sleep 15; kill -KILL -- "-$serve_pid" 2>/dev/null

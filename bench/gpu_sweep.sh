@@ -28,4 +28,4 @@ if util:
           f"busy (>0%) {sum(u > 0 for u in util) / len(util):.0%}; peak memory used {max(mem)} MiB")
 PY
 grep -E "Sweep|trials in|stopped|published|base model|Leaderboard|error" "$out/sweep.log" | head -30
-ray stop --force > /dev/null 2>&1
+# (the sweep's driver started its own Ray instance and stopped it on exit: nothing else to stop)
