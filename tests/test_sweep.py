@@ -26,6 +26,16 @@ def test_sweep_runs_trials_and_reports_every_evaluation(sweep):
         assert all({"rougeL", "rouge1", "rouge2", "eval_loss"} <= r.keys() for r in rows)
 
 
+def test_sweep_leaves_a_report_and_tensorboard_events(sweep):
+    record = next((sweep["out"] / "sweeps").glob("sweep-*"))
+    report = (record / "report.md").read_text()
+    assert "## Leaderboard" in report and "base model" in report and sweep["summary"]["sweep"] in report
+    assert all(row["trial_id"] in report for row in sweep["summary"]["leaderboard"])
+    experiment = next((sweep["out"] / "tune").glob("sweep-*"))
+    for trial_dir in experiment.glob("trial-*"):  # Tune's TensorBoard logger: one event file per trial
+        assert list(trial_dir.glob("events.out.tfevents.*")), trial_dir
+
+
 def test_cli_prints_dashboard_table_and_leaderboard(sweep):
     out = sweep["proc"].stdout
     assert "Ray dashboard: http://" in out

@@ -179,7 +179,10 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         "registry": str(config.registry_dir),
     }
     (record_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(leaderboard(summary, config, registry.read()))
+    board = leaderboard(summary, config, registry.read())
+    (record_dir / "report.md").write_text(report(summary, board, config))
+    print(board)
+    print(f"Report: {record_dir / 'report.md'}   TensorBoard: tensorboard --logdir {config.tune_dir / prepared.name}")
     return summary
 
 
@@ -209,6 +212,23 @@ def _collect(results, config: Config) -> list[dict]:
             "error": str(result.error).splitlines()[0] if result.error else None,
         })
     return rows
+
+
+def report(summary: dict, board: str, config: Config) -> str:
+    """The sweep in markdown: what ran, the leaderboard, what failed, where things are."""
+    lines = [f"# {summary['sweep']}", "",
+             f"{summary['trials']} trials in {summary['wall_s']:.0f} s, optimizing {config.search.metric} "
+             f"({config.search.mode}): {summary['completed']} completed, {summary['stopped_early']} stopped early "
+             f"by ASHA, {summary['errored']} errored.", "",
+             f"Model `{config.model.name}`, data `{config.data.dataset}`.", "", "## Leaderboard", "", "```",
+             board.strip(), "```", ""]
+    if summary["failed"]:
+        lines += ["## Failures", ""] + [f"- trial `{r['trial_id']}` ({r['hyperparameters']}): {r['error']}"
+                                         for r in summary["failed"]] + [""]
+    lines += ["## Where things are", "", f"- registry: `{summary['registry']}` (published: "
+              f"{', '.join(f'`{p}`' for p in summary['published']) or 'none'})",
+              f"- Tune results and per-trial TensorBoard events: `{config.tune_dir / summary['sweep']}`", ""]
+    return "\n".join(lines)
 
 
 def _metrics_columns(metrics: dict) -> str:
