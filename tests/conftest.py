@@ -25,8 +25,8 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", **(env or {}))
     return subprocess.run([*TUNE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -52,6 +52,8 @@ def sweep(custom_jsonl, tmp_path_factory) -> dict:
         "--output-dir", str(out), "--num-samples", "4", "--max-steps", "40", "--eval-every", "10",
         "--eval-size", "24", "--train-size", "400", "--r", "4,16", "--lora-alpha", "16,64",
         "--learning-rate", "1e-3:8e-3", "--target-modules", "qv,all-linear", "--top-k", "3",
+        # Its own Ray even when another instance runs on the machine (plain ray.init() would join that one).
+        "--address", "local",
     )
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

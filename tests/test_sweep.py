@@ -113,7 +113,8 @@ def test_a_crashed_trial_loses_nothing_else(custom_jsonl, tmp_path):
     proc = subprocess.Popen(
         [*TUNE, "--config", str(config), "--dataset", str(custom_jsonl), "--text-column", "source_code",
          "--summary-column", "doc", "--output-dir", str(out), "--num-samples", "3", "--max-steps", "30",
-         "--eval-every", "10", "--eval-size", "16", "--train-size", "300", "--max-concurrent-trials", "1"],
+         "--eval-every", "10", "--eval-size", "16", "--train-size", "300", "--max-concurrent-trials", "1",
+         "--address", "local"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     killed = None

@@ -70,7 +70,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where runs, sweeps and the registry go (default ./runs)")
     p.add_argument("--resume", action="store_true",
                    help="finish the latest sweep in --output-dir, with the settings it started with")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a running local cluster, "
+                   "else a new one; 'local' always starts a new one)")
+    p.add_argument("--storage", metavar="URI",
+                   help="where trial results and checkpoints go: a directory every node sees, or s3://, gs://, "
+                   "file:// (default <output-dir>/tune)")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="log every trial to MLflow: a tracking URI such as sqlite:///runs/mlflow.db or http://host:5000")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="hub id or local directory of a seq2seq model (default: the embedded tiny T5)")
@@ -120,6 +126,10 @@ def overrides_from(args: argparse.Namespace) -> dict:
             overrides.setdefault(section, {})[key] = value
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
+    if args.mlflow:
+        overrides["mlflow"] = args.mlflow
+    if args.storage:
+        overrides["storage"] = args.storage
     return overrides
 
 

@@ -67,7 +67,8 @@ class LoraSettings:
 class TrainSettings:
     max_steps: int = 240
     eval_every: int = 60  # steps between evaluations; each one is a Tune report
-    batch_size: int = 8
+    batch_size: int = 8  # micro-batch per step; halved (accumulation doubled) if a trial runs out of memory
+    gradient_accumulation_steps: int = 1  # effective batch = batch_size x this
     eval_batch_size: int = 32
     weight_decay: float = 0.01
     warmup_steps: int = 0
@@ -115,6 +116,11 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
     output_dir: str = "./runs"
+    # Where Tune keeps results and checkpoints (see storage.py): a directory every node sees or a
+    # pyarrow URI (s3://, gs://, file://). None: <output_dir>/tune.
+    storage: str | None = None
+    # MLflow tracking URI (e.g. sqlite:///runs/mlflow.db or http://host:5000): one run per trial.
+    mlflow: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,8 +171,8 @@ def merge(config: Config, overrides: dict[str, Any], source: str) -> Config:
     """Return `config` with the sections/keys in `overrides` replaced; unknown keys are errors."""
     updates: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key == "output_dir":
-            updates[key] = str(value)
+        if key in ("output_dir", "mlflow", "storage"):
+            updates[key] = None if value is None else str(value)
         elif key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: section {key!r} must be a mapping")
@@ -179,7 +185,8 @@ def merge(config: Config, overrides: dict[str, Any], source: str) -> Config:
                 )
             updates[key] = dataclasses.replace(section, **value)
         else:
-            raise ConfigError(f"{source}: unknown section {key!r}; known: {sorted(SECTIONS)} and output_dir")
+            raise ConfigError(
+                f"{source}: unknown section {key!r}; known: {sorted(SECTIONS)}, output_dir, storage and mlflow")
     return dataclasses.replace(config, **updates)
 
 
@@ -229,6 +236,7 @@ def validate(config: Config) -> None:
         ("max_steps", t.max_steps),
         ("eval_every", t.eval_every),
         ("batch_size", t.batch_size),
+        ("gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("eval_batch_size", t.eval_batch_size),
         ("max_source_length", d.max_source_length),
         ("max_target_length", d.max_target_length),

@@ -93,14 +93,25 @@ def prepare_for_training(model: nn.Module, settings: ModelSettings, gradient_che
     fp16 keeps peft's recipe, which it was made for.
     """
     if compute_dtype(settings) == torch.float16:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing == "full")
+        # Checkpointing itself is switched on by the Trainer (non-reentrant: no input grads needed).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         for param in model.parameters():
             param.requires_grad_(False)
     if gradient_checkpointing == "feed-forward":
         checkpoint_feed_forward(model)
     # "full" is switched on by the Trainer (gradient_checkpointing=True in its arguments).
+    keep_cpu_weights_fixed(model)
     return model
+
+
+def keep_cpu_weights_fixed(model: nn.Module) -> None:
+    """Off: bitsandbytes' CPU fast path for eval (AVX512-BF16 machines). It repacks a 4-bit
+    weight on its first eval forward and unpacks it on every state_dict(), lossily, so each
+    evaluation + checkpoint nudged the frozen base and a resumed trial no longer matched."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def trainable_to_fp32(model: nn.Module) -> None:

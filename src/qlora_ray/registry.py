@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_ray import faults
 from qlora_ray.adapter_check import CONFIG_FILE, WEIGHTS_FILE, AdapterInvalid, BaseSpec, check_adapter
 from qlora_ray.config import DataSettings, ModelSettings, TrainSettings
 
@@ -247,6 +248,7 @@ class Registry:
                     if not (staging / WEIGHTS_FILE).is_file():
                         raise RegistryError(f"trial {c.trial_id}: checkpoint has no {WEIGHTS_FILE}")
                     self._install(staging, target)
+                    faults.exit_point("publish_installed")
                 except BaseException:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 
 import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.sample import Domain
 
 from qlora_ray.config import Config, SearchSettings
 
@@ -34,6 +35,9 @@ def param_space(s: SearchSettings) -> dict:
 
 
 def trial_resources(s: SearchSettings, cluster: dict) -> dict[str, float]:
+    """Per trial: cpus_per_trial CPUs and gpus_per_trial GPUs; with gpus_per_trial None (auto), 1 GPU
+    when `cluster` (cluster.capacity(): what the cluster holds or its autoscaler can add) has one,
+    so a cluster whose GPU workers scale from zero still gets GPU trials, else 0."""
     gpus = s.gpus_per_trial
     if gpus is None:
         gpus = 1 if cluster.get("GPU", 0) >= 1 else 0
@@ -41,25 +45,91 @@ def trial_resources(s: SearchSettings, cluster: dict) -> dict[str, float]:
 
 
 def max_concurrency(s: SearchSettings, resources: dict[str, float], cluster: dict) -> int:
-    """How many trials fit at once; an autoscaling cluster may grow, so the user can raise it."""
+    """How many trials fit at once in `cluster` (cluster.capacity(): the CPUs and GPUs it holds or can
+    scale to, so an autoscaling cluster runs as many as it can grow to hold), at most num_samples;
+    an explicit max_concurrent_trials wins."""
     if s.max_concurrent_trials:
         return s.max_concurrent_trials
-    fits = [math.floor(cluster.get("CPU", 1) / max(resources["cpu"], 1e-9))]
+    fits = [s.num_samples]  # also bounds a node type without a limit (inf)
+    if resources["cpu"]:
+        fits.append(cluster.get("CPU", 1) / resources["cpu"])
     if resources["gpu"]:
-        fits.append(math.floor(cluster.get("GPU", 0) / resources["gpu"]))
-    return max(1, min(fits))
+        fits.append(cluster.get("GPU", 0) / resources["gpu"])
+    return max(1, math.floor(min(fits) + 1e-9))  # 0.6 / 0.2 is 2.999...
 
 
-def searcher(config: Config, concurrency: int) -> ConcurrencyLimiter:
+def searched(s: SearchSettings) -> list[str]:
+    """The parameters with more than one possible value."""
+    return [name for name, value in param_space(s).items() if isinstance(value, Domain)]
+
+
+def searcher(config: Config) -> OptunaSearch | None:
+    """Optuna TPE over the searched parameters; None when every parameter is pinned (Tune then
+    runs num_samples repeats of the one configuration: Optuna has nothing to sample)."""
     s = config.search
+    if not searched(s):
+        return None
     # TPE needs some random trials first; with a small budget keep that phase short.
     sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.num_samples // 3)))
-    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrency)
+    return OptunaSearch(sampler=sampler)
 
 
-def scheduler(config: Config) -> ASHAScheduler:
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive a driver restart.
+
+    `Tuner.restore` brings the scheduler back as it was built, with empty rungs, so after a
+    resume every trial would be judged only against trials that report later. This one
+    writes its state beside the sweep after every decision and reloads it on its first
+    event after a restore.
+    """
+
+    def __init__(self, state_file: str, **kwargs):
+        super().__init__(**kwargs)
+        self._state_file, self._loaded = state_file, False
+
+    def _load_once(self) -> None:
+        if not self._loaded:
+            state_file = self._state_file
+            if os.path.isfile(state_file):
+                self.restore(state_file)
+            self._state_file, self._loaded = state_file, True
+
+    def _save(self) -> None:
+        tmp = f"{self._state_file}.tmp"
+        self.save(tmp)
+        os.replace(tmp, self._state_file)
+
+    def on_trial_add(self, tune_controller, trial):
+        self._load_once()
+        super().on_trial_add(tune_controller, trial)
+        self._save()
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._load_once()
+        decision = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._load_once()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._load_once()
+        super().on_trial_remove(tune_controller, trial)
+        self._save()
+
+    def rungs(self) -> dict[int, dict[str, float]]:
+        """milestone (evaluations) -> {trial_id: recorded metric}, for reports and tests."""
+        self._load_once()
+        return {milestone: dict(recorded) for bracket in self._brackets for milestone, recorded in bracket._rungs}
+
+
+def scheduler(config: Config, state_file: str) -> ResumableASHA:
     # One Tune iteration is one evaluation, so rungs are counted in evaluations.
-    return ASHAScheduler(
+    return ResumableASHA(
+        state_file,
         time_attr="training_iteration",
         max_t=config.train.num_evals,
         grace_period=min(config.search.grace_period, config.train.num_evals),

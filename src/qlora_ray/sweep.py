@@ -11,7 +11,8 @@ import ray
 import yaml
 from ray import tune
 
-from qlora_ray import search
+from qlora_ray import plots, search, storage, tracking
+from qlora_ray.cluster import capacity
 from qlora_ray.config import METRICS, Config, ConfigError, merge
 from qlora_ray.data import TokenizedData, load_raw, tokenize
 from qlora_ray.model import Architecture, inspect_architecture, load_tokenizer, resolve_model_path
@@ -28,6 +29,7 @@ from qlora_ray.registry import (
 from qlora_ray.trial import TRIAL_INFO, evaluate_base, run_trial
 
 SWEEP_CONFIG = "config.yaml"  # the settings a sweep ran with, for --resume
+ASHA_STATE = "asha_state.pkl"  # the scheduler's rungs, reloaded by --resume
 
 
 @dataclass
@@ -51,6 +53,9 @@ def prepare(config: Config, *, resume: bool = False) -> Prepared:
             print(f"Resuming {name} with its saved settings ({saved})")
     else:
         name = time.strftime("sweep-%Y%m%d-%H%M%S")
+    if config.mlflow:
+        tracking.check_mlflow_uri(config.mlflow)
+    storage.open_root(storage.root(config))
     raw = load_raw(config.data)  # first: a bad file or column fails before any model build
     model_path = resolve_model_path(config.model)
     architecture = inspect_architecture(model_path, config.model)
@@ -70,9 +75,10 @@ def sweep_dir(config: Config, name: str) -> Path:
 
 
 def latest_experiment(config: Config) -> str:
-    runs = sorted(p.name for p in config.tune_dir.glob("sweep-*") if tune.Tuner.can_restore(str(p)))
+    runs = [name for name in storage.experiments(config)
+            if tune.Tuner.can_restore(storage.experiment_path(config, name))]
     if not runs:
-        raise ConfigError(f"--resume: no sweep to resume in {config.tune_dir}")
+        raise ConfigError(f"--resume: no sweep to resume in {storage.root(config)}")
     return runs[-1]
 
 
@@ -81,11 +87,12 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
     context = ray.init(address=address, include_dashboard=True, log_to_driver=True)
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}  (trials appear under Jobs and Actors)")
-    cluster = ray.cluster_resources()
+    cluster = capacity()  # what the cluster holds or its autoscaler can add
     resources = search.trial_resources(s, cluster)
     concurrency = search.max_concurrency(s, resources, cluster)
-    print(f"Sweep {prepared.name}: {s.num_samples} trials, {resources} each, up to {concurrency} at once; "
-          f"optimizing {s.metric} ({s.mode})")
+    shape = f"{cluster['CPU']:g} CPUs, {cluster['GPU']:g} GPUs"
+    print(f"Sweep {prepared.name}: {s.num_samples} trials, {resources} each, up to {concurrency} at once "
+          f"(cluster {'can scale to' if cluster['can_scale'] else 'has'} {shape}); optimizing {s.metric} ({s.mode})")
 
     record_dir = sweep_dir(config, prepared.name)
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -105,10 +112,10 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         tune.with_parameters(run_trial, config=config, data=prepared.data, model_path=prepared.model_path),
         resources,
     )
-    storage = str(config.tune_dir)
-    if (config.tune_dir / prepared.name).is_dir() and tune.Tuner.can_restore(str(config.tune_dir / prepared.name)):
-        print(f"Resuming {config.tune_dir / prepared.name}")
-        tuner = tune.Tuner.restore(str(config.tune_dir / prepared.name), trainable, resume_errored=True)
+    experiment = storage.experiment_path(config, prepared.name)
+    if tune.Tuner.can_restore(experiment):
+        print(f"Resuming {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -116,19 +123,21 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
             tune_config=tune.TuneConfig(
                 metric=s.metric,
                 mode=s.mode,
-                search_alg=search.searcher(config, concurrency),
-                scheduler=search.scheduler(config),
+                search_alg=search.searcher(config),
+                max_concurrent_trials=concurrency,
+                scheduler=search.scheduler(config, str(record_dir / ASHA_STATE)),
                 num_samples=s.num_samples,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
                 name=prepared.name,
-                storage_path=storage,
+                storage_path=storage.root(config),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
                 ),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 progress_reporter=search.progress_reporter(config),
+                callbacks=tracking.tune_callbacks(config.mlflow, prepared.name, {"sweep": prepared.name}),
                 verbose=1,
             ),
         )
@@ -144,14 +153,16 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         base_metrics = json.loads(base_file.read_text())
 
     rows = _collect(results, config)
-    # Best first; a NaN or missing metric ranks last (NaN compares false both ways and would sort anywhere).
-    ranked = sorted((r for r in rows if r["best"]), key=lambda r: metric_rank_key(r["best"].get(s.metric), s.mode))
+    # Best first; a NaN or missing metric ranks last (NaN compares false both ways and would sort anywhere),
+    # and a diverged trial after every healthy one, whatever it scored before its loss went NaN.
+    ranked = sorted((r for r in rows if r["best"]),
+                    key=lambda r: (r["status"] == "diverged", metric_rank_key(r["best"].get(s.metric), s.mode)))
     registry = Registry(config.registry_dir)
     # Recorded on each entry: how its base was loaded and how it was evaluated (serving uses the same).
     task = task_settings(config.data, num_beams=config.train.num_beams, base_model=prepared.model_path)
     load = load_settings(config.model)
     published = []
-    for row in ranked[: s.top_k]:
+    for row in [r for r in ranked if r["status"] != "diverged"][: s.top_k]:
         with row["checkpoint"].as_directory() as ckpt_dir:  # a local copy if storage is remote
             info = json.loads((Path(ckpt_dir) / TRIAL_INFO).read_text())
             candidate = Candidate(
@@ -172,17 +183,21 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         "completed": sum(r["status"] == "completed" for r in rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
         "errored": sum(r["status"] == "error" for r in rows),
+        "diverged": sum(r["status"] == "diverged" for r in rows),
         "base_metrics": base_metrics,
         "leaderboard": [{k: v for k, v in r.items() if k != "checkpoint"} for r in ranked],
         "failed": [{k: r[k] for k in ("trial_id", "hyperparameters", "error")} for r in rows if not r["best"]],
         "published": published,
         "registry": str(config.registry_dir),
+        "checkpoints": dict(zip(("bytes", "count"), storage.checkpoint_usage(config, prepared.name), strict=True)),
     }
     (record_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     board = leaderboard(summary, config, registry.read())
-    (record_dir / "report.md").write_text(report(summary, board, config))
+    plot_lines = plots.write_search_plots(rows, s, record_dir)
+    (record_dir / "report.md").write_text(report(summary, board, config, plot_lines))
     print(board)
-    print(f"Report: {record_dir / 'report.md'}   TensorBoard: tensorboard --logdir {config.tune_dir / prepared.name}")
+    print(f"Report: {record_dir / 'report.md'}   TensorBoard: tensorboard --logdir {experiment}\n"
+          f"Checkpoints in storage: {summary['checkpoints']['count']} ({summary['checkpoints']['bytes'] / 1e6:.1f} MB)")
     return summary
 
 
@@ -198,6 +213,8 @@ def _collect(results, config: Config) -> list[dict]:
         evals = metrics.get("training_iteration", 0)
         if result.error:
             status = "error"
+        elif metrics.get("diverged"):
+            status = "diverged"  # NaN/inf training loss: stopped, ranked last, never published
         elif evals < config.train.num_evals:
             status = "stopped early"
         else:
@@ -207,6 +224,8 @@ def _collect(results, config: Config) -> list[dict]:
             "hyperparameters": result.config,
             "status": status,
             "evals": evals,
+            "micro_batch_size": metrics.get("micro_batch_size"),
+            "oom_retries": metrics.get("oom_retries", 0),
             "best": finite_metrics({k: best[k] for k in (*METRICS, "step") if k in best}) if best else None,
             "checkpoint": checkpoint,
             "error": str(result.error).splitlines()[0] if result.error else None,
@@ -214,21 +233,28 @@ def _collect(results, config: Config) -> list[dict]:
     return rows
 
 
-def report(summary: dict, board: str, config: Config) -> str:
+def report(summary: dict, board: str, config: Config, plot_lines: list[str]) -> str:
     """The sweep in markdown: what ran, the leaderboard, what failed, where things are."""
     lines = [f"# {summary['sweep']}", "",
              f"{summary['trials']} trials in {summary['wall_s']:.0f} s, optimizing {config.search.metric} "
              f"({config.search.mode}): {summary['completed']} completed, {summary['stopped_early']} stopped early "
-             f"by ASHA, {summary['errored']} errored.", "",
+             f"by ASHA, {summary['errored']} errored, {summary['diverged']} diverged (NaN/inf loss: stopped, "
+             "ranked last, not published).", "",
              f"Model `{config.model.name}`, data `{config.data.dataset}`.", "", "## Leaderboard", "", "```",
              board.strip(), "```", ""]
     if summary["failed"]:
         lines += ["## Failures", ""] + [f"- trial `{r['trial_id']}` ({r['hyperparameters']}): {r['error']}"
                                          for r in summary["failed"]] + [""]
+    lines += [*plot_lines, ""]
+    checkpoints = summary["checkpoints"]
     lines += ["## Where things are", "", f"- registry: `{summary['registry']}` (published: "
               f"{', '.join(f'`{p}`' for p in summary['published']) or 'none'})",
-              f"- Tune results and per-trial TensorBoard events: `{config.tune_dir / summary['sweep']}`", ""]
-    return "\n".join(lines)
+              f"- Tune results and per-trial TensorBoard events: `{storage.experiment_path(config, summary['sweep'])}`",
+              f"- trial checkpoints: {checkpoints['count']} ({checkpoints['bytes'] / 1e6:.1f} MB; at most two per "
+              "trial, its best and its latest: adapter, optimizer, schedule and RNG state, no base weights)"]
+    if config.mlflow:
+        lines.append(f"- MLflow: experiment `{summary['sweep']}` at `{config.mlflow}` (one run per trial)")
+    return "\n".join([*lines, ""])
 
 
 def _metrics_columns(metrics: dict) -> str:
@@ -249,6 +275,8 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
         lines.append(
             f"{i:>2}{mark} {row['trial_id']:<10} {hp['r']:>3} {hp['lora_alpha']:>5} {hp['learning_rate']:>9.2e} "
             f"{hp['target_modules']:<11} {row['evals']:>5} {row['status']:<13} {_metrics_columns(m)}"
+            + (f"  (out of memory {row['oom_retries']}x: micro-batch {row['micro_batch_size']})"
+               if row.get("oom_retries") else "")
         )
     for row in summary["failed"]:
         lines.append(f"   {row['trial_id']:<10} failed before its first evaluation: {row['error']}")
@@ -256,7 +284,8 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
                  + ("" if summary["base_metrics"] else "  (its evaluation failed)"))
     lines.append(
         f"\n{summary['trials']} trials in {summary['wall_s']:.0f} s: {summary['completed']} completed, "
-        f"{summary['stopped_early']} stopped early by ASHA, {summary['errored']} errored."
+        f"{summary['stopped_early']} stopped early by ASHA, {summary['errored']} errored, "
+        f"{summary['diverged']} diverged (NaN loss)."
     )
     lines.append(f"* published to the registry: {summary['registry']} (default: {index.get('default')})")
     lines.append("Serve them with: serve run serve.app   (QLORA_RAY_REGISTRY=" + summary["registry"] + ")")

@@ -7,15 +7,17 @@ checkpoint. `evaluate_base` runs the same evaluation on the un-adapted base.
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import os
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from peft import get_peft_model, set_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from ray import tune
-from safetensors.torch import load_file
 from transformers import (
     DataCollatorForSeq2Seq,
     PrinterCallback,
@@ -25,7 +27,8 @@ from transformers import (
     set_seed,
 )
 
-from qlora_ray.config import Config
+from qlora_ray import faults
+from qlora_ray.config import METRICS, Config
 from qlora_ray.data import TokenizedData
 from qlora_ray.metrics import ROUGE_TYPES, seq2seq_rouge
 from qlora_ray.model import (
@@ -38,8 +41,23 @@ from qlora_ray.model import (
     trainable_to_fp32,
 )
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRIAL_INFO = "qlora_ray.json"  # hyperparameters and metrics saved beside the adapter
+
+
+# Halvings of the micro-batch a trial tries when out of GPU memory, before it gives up.
+OOM_RETRIES = 3
+
+
+@dataclass
+class BatchPlan:
+    """How the trial's effective batch is split; halved micro-batches keep its size."""
+
+    micro_batch_size: int
+    accumulation: int
+    oom_retries: int = 0
+
+    def halved(self) -> BatchPlan:
+        return BatchPlan(self.micro_batch_size // 2, self.accumulation * 2, self.oom_retries + 1)
 
 
 def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path: str) -> None:
@@ -48,21 +66,47 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(model_path, config.model)
     model = build_model(model_path, config, hparams)
-
-    start_step = 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:  # resumed or retried: continue from the last reported adapter
-        with checkpoint.as_directory() as ckpt_dir:
-            set_peft_model_state_dict(model, load_file(Path(ckpt_dir) / ADAPTER_WEIGHTS))
-            start_step = json.loads((Path(ckpt_dir) / TRIAL_INFO).read_text())["metrics"]["step"]
-    remaining = config.train.max_steps - start_step
-    if remaining <= 0:
-        return
+    plan = BatchPlan(config.train.batch_size, config.train.gradient_accumulation_steps)
+    fresh_adapter = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
     with tempfile.TemporaryDirectory() as work_dir:
-        trainer = build_trainer(model, tokenizer, data, config, work_dir, hparams["learning_rate"], remaining)
-        trainer.add_callback(_ReportToTune(model, hparams, start_step))
-        trainer.train()
+        resume_from = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:  # resumed or retried: the Trainer restores adapter, optimizer, schedule, RNG, data position
+            resume_from = checkpoint.to_directory(os.path.join(work_dir, "restored"))
+            plan = BatchPlan(**json.loads(Path(resume_from, TRIAL_INFO).read_text())["batch"])
+        while True:
+            trainer = build_trainer(model, tokenizer, data, config, work_dir, hparams["learning_rate"], plan)
+            reporter = _ReportToTune(hparams, plan)
+            trainer.add_callback(reporter)
+            if injector := faults.trainer_callback(plan.micro_batch_size):
+                trainer.add_callback(injector)
+            if resume_from is None:
+                set_seed(config.train.seed)
+            try:
+                trainer.train(resume_from_checkpoint=resume_from)
+                break
+            except torch.OutOfMemoryError as e:
+                if plan.micro_batch_size == 1 or plan.oom_retries >= OOM_RETRIES:
+                    raise
+                smaller = plan.halved()
+                resume_from = reporter.last_checkpoint or resume_from
+                where = f"the checkpoint {Path(resume_from).name}" if resume_from else "the start"
+                print(f"Out of memory with micro-batch {plan.micro_batch_size} ({str(e).splitlines()[0][:200]}); "
+                      f"retrying with micro-batch {smaller.micro_batch_size} x {smaller.accumulation} accumulation "
+                      f"(same effective batch) from {where}", flush=True)
+                plan = smaller
+                if resume_from is None:
+                    set_peft_model_state_dict(model, fresh_adapter)
+                model.zero_grad(set_to_none=True)
+                del trainer, reporter
+                gc.collect()
+                torch.cuda.empty_cache()
+        if reporter.diverged_at is not None:
+            # Marked and ended: NaN metrics rank the trial last; its earlier checkpoints are not published.
+            nan = float("nan")
+            tune.report({key: nan for key in METRICS} | {"step": reporter.diverged_at, "train_loss": nan,
+                                                          "diverged": 1} | reporter.batch_metrics())
 
 
 def evaluate_base(*, config: Config, data: TokenizedData, model_path: str) -> dict[str, float]:
@@ -77,7 +121,7 @@ def evaluate_base(*, config: Config, data: TokenizedData, model_path: str) -> di
     hparams = {"r": 1, "lora_alpha": 1, "target_modules": "all-linear", "learning_rate": 0.0}
     model = build_model(model_path, config, hparams)
     with tempfile.TemporaryDirectory() as work_dir:
-        trainer = build_trainer(model, tokenizer, data, config, work_dir, learning_rate=0.0, max_steps=1)
+        trainer = build_trainer(model, tokenizer, data, config, work_dir, learning_rate=0.0)
         metrics = trainer.evaluate()
     return _tune_metrics(metrics) | {"footprint_bytes": int(model.get_base_model().get_memory_footprint())}
 
@@ -94,16 +138,18 @@ def build_model(model_path: str, config: Config, hparams: dict):
 
 
 def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: str, learning_rate: float,
-                  max_steps: int) -> Seq2SeqTrainer:
+                  plan: BatchPlan | None = None, max_steps: int | None = None) -> Seq2SeqTrainer:
     train, gen = config.train, config.data
+    plan = plan or BatchPlan(train.batch_size, train.gradient_accumulation_steps)
     dtype = compute_dtype(config.model)
     optim = train.optim
     if optim == "auto":
         optim = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
     args = Seq2SeqTrainingArguments(
         output_dir=work_dir,
-        max_steps=max_steps,
-        per_device_train_batch_size=train.batch_size,
+        max_steps=max_steps or train.max_steps,
+        per_device_train_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.accumulation,
         per_device_eval_batch_size=train.eval_batch_size,
         learning_rate=learning_rate,
         weight_decay=train.weight_decay,
@@ -111,15 +157,19 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_di
         optim=optim,
         eval_strategy="steps",
         eval_steps=train.eval_every,
-        save_strategy="no",  # checkpoints go to Tune, adapter only
+        # A checkpoint at every evaluation, reported to Tune: adapter (no base weights), optimizer,
+        # LR schedule, RNG and step, so a resumed trial continues the same run. One kept locally.
+        save_strategy="steps",
+        save_steps=train.eval_every,
+        save_total_limit=1,
         logging_steps=max(1, min(10, train.eval_every)),
+        logging_nan_inf_filter=False,  # a NaN loss must show, to stop the trial
         predict_with_generate=True,
         generation_max_length=gen.max_target_length,
         generation_num_beams=train.num_beams,
         bf16=dtype == torch.bfloat16,  # autocast: fp32 trainable weights, bf16 matmuls
         use_cpu=not torch.cuda.is_available(),  # (transformers wants this said for bf16 on CPU)
-        gradient_checkpointing=train.gradient_checkpointing == "full",
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_args(train.gradient_checkpointing == "full"),
         seed=train.seed,
         report_to="none",
         disable_tqdm=True,
@@ -140,6 +190,13 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_di
     return trainer
 
 
+def _checkpointing_args(full: bool) -> dict:
+    # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; the old names warn.
+    known = {f.name for f in fields(Seq2SeqTrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    return {name: full, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
     out = {key: float(metrics[f"eval_{key}"]) for key in ROUGE_TYPES}
     out["eval_loss"] = float(metrics["eval_loss"])
@@ -147,25 +204,42 @@ def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class _ReportToTune(TrainerCallback):
-    """Each evaluation becomes one Tune report (one ASHA rung step) with the adapter."""
+    """Each evaluation becomes one Tune report (one ASHA rung step) with the Trainer's checkpoint.
 
-    def __init__(self, model, hparams: dict, start_step: int):
-        self.model, self.hparams, self.start_step = model, hparams, start_step
+    A non-finite training loss stops the trial before it evaluates or saves again.
+    """
+
+    def __init__(self, hparams: dict, plan: BatchPlan):
+        self.hparams, self.plan = hparams, plan
         self.train_loss: float | None = None
+        self.pending: dict | None = None  # this step's evaluation, reported with its checkpoint
+        self.last_checkpoint: str | None = None
+        self.diverged_at: int | None = None
+
+    def batch_metrics(self) -> dict:
+        return {"micro_batch_size": self.plan.micro_batch_size, "oom_retries": self.plan.oom_retries}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.train_loss = float(logs["loss"])
+            if not math.isfinite(self.train_loss):
+                self.diverged_at = state.global_step
+                control.should_training_stop = True
+                control.should_evaluate = control.should_save = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        result = _tune_metrics(metrics) | {"step": self.start_step + state.global_step}
+        self.pending = _tune_metrics(metrics) | {"step": state.global_step} | self.batch_metrics()
         if self.train_loss is not None:
-            result["train_loss"] = self.train_loss
-        with tempfile.TemporaryDirectory() as ckpt_dir:
-            self.model.save_pretrained(ckpt_dir, safe_serialization=True)
-            info = {"hyperparameters": self.hparams, "metrics": result}
-            Path(ckpt_dir, TRIAL_INFO).write_text(json.dumps(info, indent=2))
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+            self.pending["train_loss"] = self.train_loss
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.pending is None:  # the Trainer's own save at the last step, without an evaluation
+            return
+        ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        info = {"hyperparameters": self.hparams, "metrics": self.pending, "batch": asdict(self.plan)}
+        (ckpt_dir / TRIAL_INFO).write_text(json.dumps(info, indent=2))
+        tune.report(self.pending, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        self.pending, self.last_checkpoint = None, str(ckpt_dir)
 
 
 def _limit_threads(config: Config) -> None:
