@@ -53,7 +53,7 @@ def sweep(custom_jsonl, tmp_path_factory) -> dict:
         "--eval-size", "24", "--train-size", "400", "--r", "4,16", "--lora-alpha", "16,64",
         "--learning-rate", "1e-3:8e-3", "--target-modules", "qv,all-linear", "--top-k", "3",
         # Its own Ray even when another instance runs on the machine (plain ray.init() would join that one).
-        "--address", "local",
+        "--address", "local", "--mlflow", f"sqlite:///{out}/mlflow.db",
     )
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

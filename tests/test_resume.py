@@ -30,9 +30,9 @@ def _run(out: Path, *args: str, faults: list[dict] | None = None) -> subprocess.
     return proc
 
 
-def _results(out: Path) -> dict[str, list[dict]]:
+def _results(out: Path, store: Path | None = None) -> dict[str, list[dict]]:
     """Tune's record of every trial: trial id -> one row per evaluation report."""
-    experiment = next((out / "tune").glob("sweep-*"))
+    experiment = next((store or out / "tune").glob("sweep-*"))
     return {d.name.removeprefix("trial-"): [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
             for d in sorted(experiment.glob("trial-*"))}
 
@@ -108,12 +108,15 @@ def test_a_nan_trial_is_stopped_marked_ranked_last_and_not_published(custom_json
 
 def test_an_interrupted_publish_is_completed_by_the_next_run(custom_jsonl, tmp_path):
     """The driver dies right after the first adapter's files went into the registry, before the
-    index named it; `--resume` re-runs nothing and publishes all of them."""
+    index named it; `--resume` re-runs nothing and publishes all of them. Results live behind a
+    filesystem URI (--storage file://...), as on a cluster with shared storage: resume finds the
+    sweep there and publishing reads the checkpoints back from there."""
     (tmp_path / "marks").mkdir()
-    out = tmp_path / "runs"
+    out, store = tmp_path / "runs", tmp_path / "shared-store"
     args = ("--output-dir", str(out), "--dataset", str(custom_jsonl), "--text-column", "source_code",
             "--summary-column", "doc", "--num-samples", "2", "--max-steps", "8", "--eval-every", "4",
-            "--train-size", "64", "--eval-size", "8", "--top-k", "2", "--address", "local")
+            "--train-size", "64", "--eval-size", "8", "--top-k", "2", "--address", "local",
+            "--storage", f"file://{store}")
     fault = [{"kind": "exit", "at": "publish_installed", "once": True, "marker_dir": str(tmp_path / "marks")}]
     first = run_cli(*args, env={"QLORA_RAY_FAULTS": json.dumps(fault)})
     assert first.returncode == 70, first.stdout[-2000:] + first.stderr[-2000:]
@@ -121,11 +124,14 @@ def test_an_interrupted_publish_is_completed_by_the_next_run(custom_jsonl, tmp_p
     assert len(leftovers) == 1  # files in, index not written
     index_before = (out / "registry" / "index.json")
     assert not index_before.exists() or not json.loads(index_before.read_text())["adapters"]
-    before = _results(out)
+    assert not (out / "tune").exists()  # everything Tune wrote went to the storage URI
+    before = _results(out, store)
+    assert len(before) == 2 and all(list(d.glob("checkpoint_*")) for d in next(store.glob("sweep-*")).iterdir()
+                                    if d.name.startswith("trial-"))
 
     second = run_cli(*args, "--resume", env={"QLORA_RAY_FAULTS": json.dumps(fault)})
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert _results(out) == before  # no trial ran again
+    assert _results(out, store) == before  # no trial ran again
     index = json.loads((out / "registry" / "index.json").read_text())
     assert len(index["adapters"]) == 2 and index["default"] == index["adapters"][0]["id"]
     from qlora_ray.registry import Registry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 
@@ -41,6 +42,44 @@ def test_cli_prints_dashboard_table_and_leaderboard(sweep):
     assert "Ray dashboard: http://" in out
     assert "Leaderboard (rougeL, max)" in out and "base model" in out
     assert str(sweep["out"] / "registry") in out
+    assert "Checkpoints in storage: " in out
+
+
+def test_a_default_run_prints_no_warnings_only_table_progress_and_leaderboard(sweep):
+    """Deprecated arguments fixed at the source; known third-party notices silenced (qlora_ray.notices)."""
+    output = sweep["proc"].stdout + sweep["proc"].stderr
+    noisy = [line for line in output.splitlines()
+             if any(word in line for word in ("FutureWarning", "DeprecationWarning", "UserWarning", "deprecated",
+                                              "warnings.warn", "Traceback", "kernels-community", "Loading weights",
+                                              "new study created", "snapshotting has been triggered",
+                                              "Checkpoint successfully created"))]
+    assert not noisy, "\n".join(noisy[:20])
+
+
+def test_report_has_the_search_plots(sweep):
+    record = next((sweep["out"] / "sweeps").glob("sweep-*"))
+    report = (record / "report.md").read_text()
+    for stem in ("optimization_history", "parallel_coordinate", "param_importances"):
+        png, html = record / "plots" / f"{stem}.png", record / "plots" / f"{stem}.html"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, stem
+        assert "plotly.min.js" in html.read_text()
+        assert f"](plots/{stem}.png)" in report and f"(plots/{stem}.html)" in report
+
+
+def test_every_trial_is_an_mlflow_run(sweep):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep['out']}/mlflow.db")
+    experiment = client.get_experiment_by_name(sweep["summary"]["sweep"])
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == sweep["summary"]["trials"] == 4
+    by_trial = {row["trial_id"]: row for row in sweep["summary"]["leaderboard"]}
+    for run in runs:
+        assert run.data.params["r"] in ("4", "16") and "learning_rate" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "rougeL")
+        trial = next(t for t in by_trial if t in run.info.run_name)
+        assert len(history) == by_trial[trial]["evals"]  # one point per evaluation, as Tune got them
+        assert max(m.value for m in history) == pytest.approx(by_trial[trial]["best"]["rougeL"])
 
 
 def test_registry_holds_top_k_adapters_only(sweep):

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from qlora_ray import notices
 from qlora_ray.config import DEFAULT_PRESET, ConfigError, available_presets, load_config
 
 
@@ -72,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
                    help="finish the latest sweep in --output-dir, with the settings it started with")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a running local cluster, "
                    "else a new one; 'local' always starts a new one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the third-party notices a default run hides (see qlora_ray/notices.py)")
     p.add_argument("--storage", metavar="URI",
                    help="where trial results and checkpoints go: a directory every node sees, or s3://, gs://, "
                    "file:// (default <output-dir>/tune)")
@@ -135,6 +138,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.verbose:
+        notices.be_verbose()
     try:
         config = load_config(args.preset, args.config, overrides_from(args))
         # Heavy imports (torch, transformers, ray) only once the cheap checks passed.

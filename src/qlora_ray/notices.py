@@ -26,6 +26,16 @@ LOGGERS = {
     # "Failed to load CPU gemm_4bit_forward from kernels-community": an optional Hub kernel for
     # CPU inference, which cannot be fetched offline; the built-in kernel is used instead.
     "bitsandbytes.backends.cpu.ops": logging.ERROR,
+    # "Token authentication is enabled for this Ray cluster": Ray's default, which we keep (README, Security).
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    # "Checkpoint successfully created at ...": one line per evaluation per trial; report.md lists them.
+    "ray.train._internal.storage": logging.WARNING,
+}
+# Environment settings with the same purpose.
+ENVIRONMENT = {
+    # Tune's "Experiment state snapshotting has been triggered multiple times": a snapshot per
+    # checkpoint is what we want (a resumed sweep then re-runs nothing finished).
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 
 
@@ -40,3 +50,17 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, level in LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
+def be_verbose() -> None:
+    """Undo quiet_third_party (it ran at import) and tell Ray workers to skip it."""
+    os.environ[VERBOSE_ENV] = "1"
+    for category, message, _why in WARNINGS:
+        warnings.filterwarnings("default", message=message, category=category)
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for name, value in ENVIRONMENT.items():
+        if os.environ.get(name) == value:
+            del os.environ[name]

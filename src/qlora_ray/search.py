@@ -11,6 +11,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Domain
 
+from qlora_ray import notices
 from qlora_ray.config import Config, SearchSettings
 
 # Tune's live table: searched parameters and what each evaluation reported.
@@ -69,6 +70,8 @@ def searcher(config: Config) -> OptunaSearch | None:
     s = config.search
     if not searched(s):
         return None
+    if not notices.verbose():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" INFO line
     # TPE needs some random trials first; with a small budget keep that phase short.
     sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, s.num_samples // 3)))
     return OptunaSearch(sampler=sampler)

@@ -11,7 +11,7 @@ import ray
 import yaml
 from ray import tune
 
-from qlora_ray import plots, search, storage, tracking
+from qlora_ray import notices, plots, search, storage, tracking
 from qlora_ray.cluster import capacity
 from qlora_ray.config import METRICS, Config, ConfigError, merge
 from qlora_ray.data import TokenizedData, load_raw, tokenize
@@ -84,7 +84,9 @@ def latest_experiment(config: Config) -> str:
 
 def run(prepared: Prepared, *, address: str | None = None) -> dict:
     config, s = prepared.config, prepared.config.search
-    context = ray.init(address=address, include_dashboard=True, log_to_driver=True)
+    # Workers on a remote cluster do not inherit this process's environment: --verbose travels explicitly.
+    runtime_env = {"env_vars": {notices.VERBOSE_ENV: "1"}} if notices.verbose() else None
+    context = ray.init(address=address, include_dashboard=True, log_to_driver=True, runtime_env=runtime_env)
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}  (trials appear under Jobs and Actors)")
     cluster = capacity()  # what the cluster holds or its autoscaler can add

@@ -26,8 +26,9 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
+from transformers.utils import logging as transformers_logging
 
-from qlora_ray import faults
+from qlora_ray import faults, notices
 from qlora_ray.config import METRICS, Config
 from qlora_ray.data import TokenizedData
 from qlora_ray.metrics import ROUGE_TYPES, seq2seq_rouge
@@ -243,6 +244,8 @@ class _ReportToTune(TrainerCallback):
 
 
 def _limit_threads(config: Config) -> None:
+    if not notices.verbose():  # every trial loads the base: one progress bar each is noise
+        transformers_logging.disable_progress_bar()
     # Trials share the machine: one torch thread per CPU Ray gave the trial.
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", config.search.cpus_per_trial)))
