@@ -75,7 +75,8 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
         checkpoint = tune.get_checkpoint()
         if checkpoint:  # resumed or retried: the Trainer restores adapter, optimizer, schedule, RNG, data position
             resume_from = checkpoint.to_directory(os.path.join(work_dir, "restored"))
-            plan = BatchPlan(**json.loads(Path(resume_from, TRIAL_INFO).read_text())["batch"])
+            saved_plan = json.loads(Path(resume_from, TRIAL_INFO).read_text()).get("batch")
+            plan = BatchPlan(**saved_plan) if saved_plan else plan  # (checkpoints from before OOM retries)
         while True:
             trainer = build_trainer(model, tokenizer, data, config, work_dir, hparams["learning_rate"], plan)
             reporter = _ReportToTune(hparams, plan)
@@ -90,19 +91,22 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
             except torch.OutOfMemoryError as e:
                 if plan.micro_batch_size == 1 or plan.oom_retries >= OOM_RETRIES:
                     raise
-                smaller = plan.halved()
-                resume_from = reporter.last_checkpoint or resume_from
-                where = f"the checkpoint {Path(resume_from).name}" if resume_from else "the start"
-                print(f"Out of memory with micro-batch {plan.micro_batch_size} ({str(e).splitlines()[0][:200]}); "
-                      f"retrying with micro-batch {smaller.micro_batch_size} x {smaller.accumulation} accumulation "
-                      f"(same effective batch) from {where}", flush=True)
-                plan = smaller
-                if resume_from is None:
-                    set_peft_model_state_dict(model, fresh_adapter)
-                model.zero_grad(set_to_none=True)
-                del trainer, reporter
-                gc.collect()
-                torch.cuda.empty_cache()
+                reason = str(e).splitlines()[0][:200]
+            # Out of memory (handled outside the except block, so the traceback's tensors are freed):
+            # the same effective batch in smaller pieces, from the last checkpoint or the start.
+            smaller = plan.halved()
+            resume_from = reporter.last_checkpoint or resume_from
+            where = f"the checkpoint {Path(resume_from).name}" if resume_from else "the start"
+            print(f"Out of memory with micro-batch {plan.micro_batch_size} ({reason}); retrying with micro-batch "
+                  f"{smaller.micro_batch_size} x {smaller.accumulation} accumulation (same effective batch) "
+                  f"from {where}", flush=True)
+            plan = smaller
+            if resume_from is None:
+                set_peft_model_state_dict(model, fresh_adapter)
+            model.zero_grad(set_to_none=True)
+            del trainer, reporter
+            gc.collect()
+            torch.cuda.empty_cache()
         if reporter.diverged_at is not None:
             # Marked and ended: NaN metrics rank the trial last; its earlier checkpoints are not published.
             nan = float("nan")
