@@ -35,3 +35,21 @@ def test_param_space_pins_single_values():
 def test_invalid_values(bad):
     with pytest.raises(ConfigError):
         load_config(overrides=bad)
+
+
+def test_flags_are_derived_from_the_settings_and_land_in_the_config():
+    """A setting is written once (config.setting with help); its flag, type and default text follow."""
+    from qlora_ray import cli
+
+    names = [cli._flag_name(f) for _, f in cli.settings_flags()]
+    assert len(names) == len(set(names)) and {"--model", "--r", "--storage", "--mlflow", "--task"} <= set(names)
+    args = cli.parser().parse_args(["--model", "some/model", "--r", "4,8", "--learning-rate", "1e-4:1e-3",
+                                    "--trust-remote-code", "--gpus-per-trial", "0.5", "--storage", "file:///tmp/s",
+                                    "--gradient-checkpointing", "full", "--train-size", "100"])
+    config = load_config(overrides=cli.overrides_from(args))
+    assert config.model.name == "some/model" and config.model.trust_remote_code is True
+    assert config.search.r == [4, 8] and config.search.learning_rate == [1e-4, 1e-3]
+    assert config.search.gpus_per_trial == 0.5 and config.storage == "file:///tmp/s"
+    assert config.train.gradient_checkpointing == "full" and config.data.train_size == 100
+    assert config.search.lora_alpha == load_config().search.lora_alpha  # not given: the preset's value stays
+    assert "(default 4,8,16,32)" in cli.parser().format_help().replace("\n", " ").replace("  ", " ")

@@ -8,8 +8,9 @@ import torch
 from qlora_ray import trial
 from qlora_ray.attention import SHARED_BIAS_SDPA
 from qlora_ray.config import load_config
-from qlora_ray.data import load_raw, tokenize
+from qlora_ray.data import load_raw
 from qlora_ray.model import load_tokenizer, resolve_model_path
+from qlora_ray.tasks import seq2seq
 
 HPARAMS = {"r": 4, "lora_alpha": 8, "target_modules": "qv", "learning_rate": 1e-3}
 
@@ -20,7 +21,7 @@ def _setup(**train):
                                     "train": {"max_steps": 4, "eval_every": 4, "batch_size": 4, **train}})
     path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(path, config.model)
-    data = tokenize(load_raw(config.data), tokenizer, config.data)
+    data = seq2seq.tokenize(load_raw(config.data), tokenizer, config.data)
     return config, path, tokenizer, data
 
 

@@ -26,31 +26,41 @@ class ConfigError(ValueError):
     """A user-facing configuration problem: reported in one line, before Ray starts."""
 
 
+def setting(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
+            choices: tuple | None = None, metavar: str | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A settings field. One with `help` is also a command-line flag (cli.py derives the flags from
+    these dataclasses): `--<name>` with dashes, or `flag`; its type comes from the annotation."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ModelSettings:
-    # Hub id, local directory, or EMBEDDED_MODEL (built offline on first use).
-    name: str = EMBEDDED_MODEL
+    name: str = setting(EMBEDDED_MODEL, "hub id or local directory of the base model (the embedded tiny T5 is built "
+                        "offline on first use)", flag="--model")
+    task: str = setting("auto", "seq2seq or causal; auto: what the model's config implies",
+                        choices=("auto", "seq2seq", "causal"))
     quant_type: str = "nf4"
     double_quant: bool = True
-    # "auto": bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.
-    compute_dtype: str = "auto"
-    trust_remote_code: bool = False
-    # Build `name`'s architecture with random weights instead of loading its weights: for
-    # machines without hub access (timing, tests). A known hub id or a local config.json.
-    random_init: bool = False
+    compute_dtype: str = setting("auto", "auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU",
+                                 choices=("auto", "bfloat16", "float16", "float32"))
+    trust_remote_code: bool = setting(False, "allow the model repository's own code to run (off unless asked)")
+    random_init: bool = setting(False, "the model's architecture with random weights instead of its weights (no "
+                                "hub needed; for timing and tests): a known hub id or a local config.json")
 
 
 @dataclass
 class DataSettings:
-    # Hub id, a local .json/.jsonl/.csv/.parquet file, or EMBEDDED_DATASET.
-    dataset: str = EMBEDDED_DATASET
-    text_column: str = "text"
-    summary_column: str = "summary"
+    dataset: str = setting(EMBEDDED_DATASET, "hub id or a local .json/.jsonl/.csv/.parquet file")
+    text_column: str = setting("text", "column with the source text")
+    summary_column: str = setting("summary", "column with the reference summary")
     prefix: str = "summarize: "
-    max_source_length: int = 256
-    max_target_length: int = 32
-    train_size: int | None = None  # cap on training examples; None = all
-    eval_size: int = 128
+    max_source_length: int = setting(256, "source tokens kept")
+    max_target_length: int = setting(32, "summary tokens kept (and generated)")
+    train_size: int | None = setting(None, "cap on training examples (default all)")
+    eval_size: int = setting(128, "held-out examples scored at every evaluation")
     seed: int = 42
 
 
@@ -60,23 +70,23 @@ class LoraSettings:
 
     dropout: float = 0.05
     bias: str = "none"
-    modules_to_save: list[str] = field(default_factory=lambda: ["lm_head"])
+    modules_to_save: list[str] = setting(factory=lambda: ["lm_head"])
 
 
 @dataclass
 class TrainSettings:
-    max_steps: int = 240
-    eval_every: int = 60  # steps between evaluations; each one is a Tune report
-    batch_size: int = 8  # micro-batch per step; halved (accumulation doubled) if a trial runs out of memory
+    max_steps: int = setting(240, "optimizer steps per trial")
+    eval_every: int = setting(60, "steps between evaluations (each is one Tune report and checkpoint)")
+    batch_size: int = setting(8, "micro-batch per step (halved, accumulation doubled, if a trial runs out of memory)")
     gradient_accumulation_steps: int = 1  # effective batch = batch_size x this
     eval_batch_size: int = 32
     weight_decay: float = 0.01
     warmup_steps: int = 0
-    # "auto": paged_adamw_8bit on GPU (the QLoRA recipe), adamw_torch on CPU.
-    optim: str = "auto"
-    # What backward recomputes instead of storing: "none", "feed-forward" (each FFN block:
-    # most of T5's activation memory for little recompute) or "full" (every layer).
-    gradient_checkpointing: str = "none"
+    optim: str = setting("auto", "transformers optimizer name (auto: paged_adamw_8bit on GPU, the QLoRA recipe; "
+                         "adamw_torch on CPU)")
+    # "feed-forward": each FFN block, most of T5's activation memory for little recompute.
+    gradient_checkpointing: str = setting("none", "what backward recomputes to save memory: FFN blocks only, or "
+                                          "every layer", choices=("none", "feed-forward", "full"))
     num_beams: int = 1
     seed: int = 42
 
@@ -87,25 +97,27 @@ class TrainSettings:
 
 @dataclass
 class SearchSettings:
-    num_samples: int = 8
-    metric: str = "rougeL"
-    mode: str = "max"
+    num_samples: int = setting(8, "number of trials")
+    metric: str = setting("rougeL", "rougeL, rouge1, rouge2 or eval_loss")
+    mode: str = setting("max", "max or min", choices=("max", "min"))
     # A list is a categorical choice; a single value pins the parameter.
-    r: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
-    lora_alpha: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    r: list[int] = setting(factory=lambda: [4, 8, 16, 32], help="LoRA ranks, e.g. 8,16,32")
+    lora_alpha: list[int] = setting(factory=lambda: [8, 16, 32, 64], help="LoRA alphas, e.g. 16,32")
     # [low, high] searched log-uniformly; [x] or [x, x] pins it.
-    learning_rate: list[float] = field(default_factory=lambda: [3e-4, 5e-3])
-    # Named module sets discovered from the architecture (see model.target_module_sets),
-    # or explicit module names joined with "+", e.g. "v+o".
-    target_modules: list[str] = field(default_factory=lambda: ["qv", "attention", "all-linear"])
+    learning_rate: list[float] = setting(factory=lambda: [3e-4, 5e-3],
+                                         help="a rate (2e-5) or a log-uniform range (1e-4:3e-3)")
+    target_modules: list[str] = setting(factory=lambda: ["qv", "attention", "all-linear"],
+                                        help="named sets (qv, attention, all-linear) or modules joined by '+' (v+o)")
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
-    max_concurrent_trials: int | None = None  # None: as many as the resources allow
-    cpus_per_trial: int = 1
-    gpus_per_trial: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    max_concurrent_trials: int | None = setting(None, "trials at once (default: as many as the cluster holds or "
+                                                "can scale to)")
+    cpus_per_trial: int = setting(1, "CPUs per trial")
+    gpus_per_trial: float | None = setting(None, "GPUs per trial (default: 1 when the cluster has or can add GPUs, "
+                                           "else 0; 0.5 puts two trials on a GPU)")
     max_failures: int = 1  # retries of a crashed trial; others keep running either way
-    top_k: int = 5  # adapters that go to the registry
-    seed: int = 0
+    top_k: int = setting(5, "adapters published to the registry")
+    seed: int = setting(0, "search seed")
 
 
 @dataclass
@@ -115,12 +127,11 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
-    output_dir: str = "./runs"
-    # Where Tune keeps results and checkpoints (see storage.py): a directory every node sees or a
-    # pyarrow URI (s3://, gs://, file://). None: <output_dir>/tune.
-    storage: str | None = None
-    # MLflow tracking URI (e.g. sqlite:///runs/mlflow.db or http://host:5000): one run per trial.
-    mlflow: str | None = None
+    output_dir: str = setting("./runs", "where Tune results, sweep records and the registry go")
+    storage: str | None = setting(None, "where trial results and checkpoints go: a directory every node sees, or "
+                                  "s3://, gs://, file:// (default <output-dir>/tune)", metavar="URI")
+    mlflow: str | None = setting(None, "log every trial to MLflow: a tracking URI such as sqlite:///runs/mlflow.db "
+                                 "or http://host:5000", metavar="URI")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,6 +269,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {t.gradient_checkpointing!r}"
         )
+    if config.model.task not in ("auto", "seq2seq", "causal"):
+        raise ConfigError(f"model task must be auto, seq2seq or causal, got {config.model.task!r}")
     if config.model.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(
             f"compute_dtype must be auto, bfloat16, float16 or float32, got {config.model.compute_dtype!r}"

@@ -1,4 +1,4 @@
-"""Summarization data: load (embedded corpus, local file or hub), split, validate, tokenize."""
+"""Summarization data: load (embedded corpus, local file or hub), split, validate. Tasks tokenize it."""
 
 from __future__ import annotations
 
@@ -94,23 +94,3 @@ def _clean(rows: Dataset, settings: DataSettings, limit: int | None) -> Dataset:
     if limit is not None and len(rows) > limit:
         rows = rows.shuffle(seed=settings.seed).select(range(limit))
     return rows
-
-
-def tokenize(raw: DatasetDict, tokenizer, settings: DataSettings) -> TokenizedData:
-    def encode(batch: dict) -> dict:
-        inputs = tokenizer(
-            [settings.prefix + t for t in batch[settings.text_column]],
-            max_length=settings.max_source_length,
-            truncation=True,
-        )
-        labels = tokenizer(text_target=batch[settings.summary_column], max_length=settings.max_target_length,
-                           truncation=True)
-        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                "labels": labels["input_ids"]}
-
-    columns = {}
-    for split in ("train", "eval"):
-        encoded = raw[split].map(encode, batched=True, remove_columns=raw[split].column_names,
-                                 desc=f"tokenizing {split}")
-        columns[split] = encoded.to_dict()
-    return TokenizedData(train=columns["train"], eval=columns["eval"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
 from torch import nn
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
+from qlora_ray import tasks
 from qlora_ray.config import EMBEDDED_MODEL, ConfigError, LoraSettings, ModelSettings
 
 # Leaf names of the query/value projections across common architectures.
@@ -69,7 +70,7 @@ def load_base_model(path: str, settings: ModelSettings) -> nn.Module:
         from qlora_ray.attention import SHARED_BIAS_SDPA
 
         extra["attn_implementation"] = SHARED_BIAS_SDPA
-    return AutoModelForSeq2SeqLM.from_pretrained(
+    return tasks.model_class(config).from_pretrained(
         path,
         quantization_config=quantization_config(settings),
         device_map=device_map,
@@ -142,6 +143,7 @@ class Architecture:
     model_type: str
     linear_modules: tuple[str, ...]  # leaf names of targetable nn.Linear layers
     target_sets: dict[str, tuple[str, ...]]  # named choices for the search
+    task: str = tasks.SEQ2SEQ  # what its config implies (qlora_ray.tasks)
 
     def resolve_targets(self, choice: str) -> list[str]:
         """A named set ("qv") or explicit leaf names joined with '+' ("v+o")."""
@@ -187,17 +189,18 @@ def inspect_architecture(path: str, settings: ModelSettings) -> Architecture:
     except OSError as e:
         raise ConfigError(f"cannot load model config for {path!r}: {str(e).splitlines()[0]}") from None
     with torch.device("meta"):
-        model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=settings.trust_remote_code)
-    return discover_architecture(model)
+        model = tasks.model_class(config).from_config(config, trust_remote_code=settings.trust_remote_code)
+    return replace(discover_architecture(model), task=tasks.name_for(config))
 
 
-def lora_config(r: int, lora_alpha: int, target_modules: list[str], settings: LoraSettings) -> LoraConfig:
+def lora_config(r: int, lora_alpha: int, target_modules: list[str], settings: LoraSettings,
+                task_type: str = "SEQ_2_SEQ_LM") -> LoraConfig:
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=settings.dropout,
         bias=settings.bias,
-        task_type="SEQ_2_SEQ_LM",
+        task_type=task_type,
         target_modules=target_modules,
         modules_to_save=list(settings.modules_to_save) or None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -11,10 +12,10 @@ import ray
 import yaml
 from ray import tune
 
-from qlora_ray import notices, plots, search, storage, tracking
+from qlora_ray import notices, plots, search, storage, tasks, tracking
 from qlora_ray.cluster import capacity
 from qlora_ray.config import METRICS, Config, ConfigError, merge
-from qlora_ray.data import TokenizedData, load_raw, tokenize
+from qlora_ray.data import TokenizedData, load_raw
 from qlora_ray.model import Architecture, inspect_architecture, load_tokenizer, resolve_model_path
 from qlora_ray.registry import (
     Candidate,
@@ -59,6 +60,9 @@ def prepare(config: Config, *, resume: bool = False) -> Prepared:
     raw = load_raw(config.data)  # first: a bad file or column fails before any model build
     model_path = resolve_model_path(config.model)
     architecture = inspect_architecture(model_path, config.model)
+    task_name = architecture.task if config.model.task == "auto" else config.model.task
+    task = tasks.get(task_name)  # a task this version cannot run fails here, before Ray starts
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, task=task_name))
     for choice in config.search.target_modules:
         architecture.resolve_targets(choice)
     try:
@@ -66,7 +70,7 @@ def prepare(config: Config, *, resume: bool = False) -> Prepared:
     except RegistryError as e:
         raise ConfigError(str(e)) from None
     tokenizer = load_tokenizer(model_path, config.model)
-    data = tokenize(raw, tokenizer, config.data)
+    data = task.tokenize(raw, tokenizer, config.data)
     return Prepared(config, model_path, architecture, data, name)
 
 

@@ -1,4 +1,4 @@
-"""One QLoRA trial: 4-bit base + LoRA adapter, trained by Seq2SeqTrainer, reported to Tune.
+"""One QLoRA trial: 4-bit base + LoRA adapter, trained by its task's Trainer, reported to Tune.
 
 `run_trial` is the Tune trainable. Read it top to bottom: load the base 4-bit, add the
 adapter, train, and at every evaluation report ROUGE and loss with an adapter-only
@@ -18,20 +18,13 @@ from pathlib import Path
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from ray import tune
-from transformers import (
-    DataCollatorForSeq2Seq,
-    PrinterCallback,
-    Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
-    TrainerCallback,
-    set_seed,
-)
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as transformers_logging
 
-from qlora_ray import faults, notices
+from qlora_ray import faults, notices, tasks
 from qlora_ray.config import METRICS, Config
 from qlora_ray.data import TokenizedData
-from qlora_ray.metrics import ROUGE_TYPES, seq2seq_rouge
+from qlora_ray.metrics import ROUGE_TYPES
 from qlora_ray.model import (
     compute_dtype,
     discover_architecture,
@@ -136,21 +129,23 @@ def build_model(model_path: str, config: Config, hparams: dict):
     base = load_base_model(model_path, config.model)
     targets = discover_architecture(base).resolve_targets(hparams["target_modules"])
     base = prepare_for_training(base, config.model, config.train.gradient_checkpointing)
-    lora = lora_config(int(hparams["r"]), int(hparams["lora_alpha"]), targets, config.lora)
+    task = tasks.resolve(config.model.task, base.config)
+    lora = lora_config(int(hparams["r"]), int(hparams["lora_alpha"]), targets, config.lora, task.PEFT_TASK_TYPE)
     model = get_peft_model(base, lora)
     trainable_to_fp32(model)
     return model
 
 
 def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: str, learning_rate: float,
-                  plan: BatchPlan | None = None, max_steps: int | None = None) -> Seq2SeqTrainer:
-    train, gen = config.train, config.data
+                  plan: BatchPlan | None = None, max_steps: int | None = None) -> Trainer:
+    """The task's trainer with what every trial shares: batch plan, optimizer, checkpoints, logging."""
+    train = config.train
     plan = plan or BatchPlan(train.batch_size, train.gradient_accumulation_steps)
     dtype = compute_dtype(config.model)
     optim = train.optim
     if optim == "auto":
         optim = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
-    args = Seq2SeqTrainingArguments(
+    training_args = dict(
         output_dir=work_dir,
         max_steps=max_steps or train.max_steps,
         per_device_train_batch_size=plan.micro_batch_size,
@@ -169,9 +164,6 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_di
         save_total_limit=1,
         logging_steps=max(1, min(10, train.eval_every)),
         logging_nan_inf_filter=False,  # a NaN loss must show, to stop the trial
-        predict_with_generate=True,
-        generation_max_length=gen.max_target_length,
-        generation_num_beams=train.num_beams,
         bf16=dtype == torch.bfloat16,  # autocast: fp32 trainable weights, bf16 matmuls
         use_cpu=not torch.cuda.is_available(),  # (transformers wants this said for bf16 on CPU)
         **_checkpointing_args(train.gradient_checkpointing == "full"),
@@ -179,25 +171,16 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_di
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        label_names=["labels"],
     )
-    train_ds, eval_ds = data.datasets()
-    trainer = Seq2SeqTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
-        processing_class=tokenizer,
-        compute_metrics=seq2seq_rouge(tokenizer),
-    )
+    task = tasks.resolve(config.model.task, model.config)
+    trainer = task.build_trainer(model, tokenizer, data, config, training_args)
     trainer.remove_callback(PrinterCallback)  # Tune's table reports progress; raw log dicts are noise
     return trainer
 
 
 def _checkpointing_args(full: bool) -> dict:
     # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; the old names warn.
-    known = {f.name for f in fields(Seq2SeqTrainingArguments)}
+    known = {f.name for f in fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     return {name: full, f"{name}_kwargs": {"use_reentrant": False}}
 
