@@ -24,6 +24,8 @@ from qlora_ray.config import ConfigError
 KNOWN_ARCHITECTURES = {
     "google-t5/t5-3b": "t5-3b.json",
     "t5-3b": "t5-3b.json",
+    "microsoft/phi-2": "phi-2.json",
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b.json",
 }
 FORMAT_VERSION = "v1"
 
