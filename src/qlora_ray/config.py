@@ -79,6 +79,9 @@ class TrainSettings:
     eval_every: int = setting(60, "steps between evaluations (each is one Tune report and checkpoint)")
     batch_size: int = setting(8, "micro-batch per step (halved, accumulation doubled, if a trial runs out of memory)")
     gradient_accumulation_steps: int = 1  # effective batch = batch_size x this
+    memory_limit_gb: float | None = setting(None, "GPU memory a trial may plan for (qlora_ray.memory predicts its "
+                                            "peak; a config over it starts at a smaller micro-batch, or is skipped); "
+                                            "default: the GPU's memory times the trial's GPU share")
     eval_batch_size: int = 32
     weight_decay: float = 0.01
     warmup_steps: int = 0

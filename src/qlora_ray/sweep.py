@@ -234,9 +234,17 @@ def _collect(results, config: Config) -> list[dict]:
             "oom_retries": metrics.get("oom_retries", 0),
             "best": finite_metrics({k: best[k] for k in (*METRICS, "step") if k in best}) if best else None,
             "checkpoint": checkpoint,
-            "error": str(result.error).splitlines()[0] if result.error else None,
+            "error": _error_reason(result.error) if result.error else None,
         })
     return rows
+
+
+def _error_reason(error: BaseException) -> str:
+    """The trial's own exception in one line (a RayTaskError's first line only names the worker)."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(cause).__name__}: {text}"[:500]
 
 
 def report(summary: dict, board: str, config: Config, plot_lines: list[str]) -> str:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from ray import tune
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoConfig, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as transformers_logging
 
-from qlora_ray import faults, notices, tasks
+from qlora_ray import faults, memory, notices, tasks
 from qlora_ray.config import METRICS, Config
 from qlora_ray.data import TokenizedData
 from qlora_ray.metrics import ROUGE_TYPES
@@ -58,9 +58,9 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
     """Tune trainable. hparams: r, lora_alpha, learning_rate, target_modules (a set name)."""
     _limit_threads(config)
     set_seed(config.train.seed)
+    plan = plan_to_fit(model_path, config, hparams)
     tokenizer = load_tokenizer(model_path, config.model)
     model = build_model(model_path, config, hparams)
-    plan = BatchPlan(config.train.batch_size, config.train.gradient_accumulation_steps)
     fresh_adapter = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
     with tempfile.TemporaryDirectory() as work_dir:
@@ -105,6 +105,51 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
             nan = float("nan")
             tune.report({key: nan for key in METRICS} | {"step": reporter.diverged_at, "train_loss": nan,
                                                           "diverged": 1} | reporter.batch_metrics())
+
+
+class DoesNotFit(RuntimeError):
+    """The predicted peak memory exceeds the limit even at micro-batch 1."""
+
+
+def memory_limit_gb(config: Config) -> float | None:
+    """What a trial may plan for: the set limit, else its share of the GPU; None on CPU without a limit."""
+    if config.train.memory_limit_gb:
+        return config.train.memory_limit_gb
+    if not torch.cuda.is_available():
+        return None
+    share = min(1.0, config.search.gpus_per_trial or 1.0)
+    return torch.cuda.get_device_properties(0).total_memory / 1e9 * share
+
+
+def plan_to_fit(model_path: str, config: Config, hparams: dict) -> BatchPlan:
+    """The configured batch plan, split into smaller micro-batches (same effective batch) until the
+    memory estimate fits; DoesNotFit when not even micro-batch 1 does."""
+    plan = BatchPlan(config.train.batch_size, config.train.gradient_accumulation_steps)
+    limit = memory_limit_gb(config)
+    if limit is None:
+        return plan
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+    dtype = str(compute_dtype(config.model)).removeprefix("torch.")
+
+    def predicted(micro: int) -> float:
+        return memory.estimate_trial(model_config, config, hparams, micro_batch_size=micro,
+                                     compute_dtype=dtype).total_gb
+
+    try:
+        first = predicted(plan.micro_batch_size)
+    except (ValueError, KeyError) as e:  # an architecture the estimator does not know: train as configured
+        print(f"No memory estimate for this model ({e}); training at micro-batch {plan.micro_batch_size}")
+        return plan
+    if first <= limit:
+        return plan
+    while plan.micro_batch_size > 1 and predicted(plan.micro_batch_size) > limit:
+        plan = BatchPlan(plan.micro_batch_size // 2, plan.accumulation * 2)
+    if predicted(plan.micro_batch_size) > limit:
+        raise DoesNotFit(f"predicted peak {predicted(1):.1f} GB at micro-batch 1 exceeds the {limit:.1f} GB limit")
+    print(f"Predicted peak {first:.1f} GB at micro-batch {config.train.batch_size} exceeds {limit:.1f} GB: "
+          f"training at micro-batch {plan.micro_batch_size} x {plan.accumulation} accumulation "
+          f"({predicted(plan.micro_batch_size):.1f} GB predicted; same effective batch)", flush=True)
+    return plan
 
 
 def evaluate_base(*, config: Config, data: TokenizedData, model_path: str) -> dict[str, float]:
