@@ -44,7 +44,7 @@ def _flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def _add_flag(group, f: dataclasses.Field) -> None:
+def add_flag(group, f: dataclasses.Field) -> None:
     """The argparse option for one setting: its type from the annotation, its text from the field."""
     kind = str(f.type).replace(" | None", "")
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -78,18 +78,18 @@ def parser() -> argparse.ArgumentParser:
     groups: dict = {}
     for section, f in settings_flags():  # the settings' own flags, from config.py
         if section is None:
-            _add_flag(p, f)
+            add_flag(p, f)
         else:
             title = GROUPS[section]
             groups.setdefault(title, p.add_argument_group(title))
-            _add_flag(groups[title], f)
+            add_flag(groups[title], f)
     return p
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
     overrides: dict = {}
     for section, f in settings_flags():
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None)
         if value is None:
             continue
         if section is None:

@@ -1,4 +1,4 @@
-"""`qlora-ray`: list, import, promote and remove adapters in a registry.
+"""`qlora-ray`: list, import, promote and remove adapters in a registry; estimate a trial's memory.
 
 A running server re-reads index.json, so every change takes effect live. Errors are one
 line on stderr and exit code 2.
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from qlora_ray.adapter_check import AdapterInvalid, check_adapter
+from qlora_ray.cli import add_flag, overrides_from, settings_flags
+from qlora_ray.config import DEFAULT_PRESET
 from qlora_ray.registry import INDEX, Registry, RegistryError, check_adapter_id, entry_load, entry_task
 
 DEFAULT_REGISTRY = "./runs/registry"
@@ -55,11 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", parents=[common], help="remove an adapter and its files")
     p.add_argument("adapter_id", metavar="ID")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    p = sub.add_parser("estimate", help="predict a trial's peak GPU memory (no GPU needed), with the breakdown",
+                       description="Predict the peak GPU memory of the sweep's trials from the model's config: "
+                       "one row per searched target set at the largest searched r. The same flags as tune_t5.py.")
+    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--config", help="YAML file with model/data/lora/train/search sections")
+    p.add_argument("--gpu-gb", type=float, help="a GPU size to check against (GB): prints the micro-batch that fits")
+    for _section, f in settings_flags():
+        if f.name not in ("output_dir", "storage", "mlflow"):
+            add_flag(p, f)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "estimate":
+        return _estimate(args)
     root = args.registry or os.environ.get("QLORA_RAY_REGISTRY") or DEFAULT_REGISTRY
     registry = Registry(Path(root).expanduser())
     try:
@@ -91,6 +105,53 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(e))
     except (OSError, json.JSONDecodeError) as e:
         _fail(f"{type(e).__name__}: {e}")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from qlora_ray import memory, random_init
+    from qlora_ray.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.preset, args.config, overrides_from(args))
+        name = config.model.name
+        if name in random_init.KNOWN_ARCHITECTURES:  # no weights, no hub: the shipped config
+            model_config = random_init.architecture_config(name)
+        else:
+            from transformers import AutoConfig
+
+            from qlora_ray.model import resolve_model_path
+
+            model_config = AutoConfig.from_pretrained(resolve_model_path(config.model, progress=False),
+                                                      trust_remote_code=config.model.trust_remote_code)
+        dtype = "bfloat16" if config.model.compute_dtype == "auto" else config.model.compute_dtype
+        r = max(config.search.r)
+        print(f"{name}: micro-batch {config.train.batch_size} x {config.train.gradient_accumulation_steps}, "
+              f"checkpointing {config.train.gradient_checkpointing}, r {r}, {dtype}")
+        for targets in config.search.target_modules:
+            hparams = {"r": r, "target_modules": targets}
+            estimate = memory.estimate_trial(model_config, config, hparams, compute_dtype=dtype)
+            line = f"  targets {targets:<12} predicted peak {estimate.total_gb:7.2f} GB"
+            if args.gpu_gb:  # what a trial on that GPU does (trial.plan_to_fit): halve until it fits
+                micro = config.train.batch_size
+
+                def fits(micro: int, hparams=hparams) -> bool:
+                    return memory.estimate_trial(model_config, config, hparams, micro_batch_size=micro,
+                                                 compute_dtype=dtype).fits(args.gpu_gb)
+
+                while micro > 1 and not fits(micro):
+                    micro //= 2
+                accumulation = config.train.gradient_accumulation_steps * config.train.batch_size // micro
+                if not fits(micro):
+                    line += f"  does not fit {args.gpu_gb:g} GB even at micro-batch 1"
+                elif micro == config.train.batch_size:
+                    line += f"  fits {args.gpu_gb:g} GB"
+                else:
+                    line += f"  {args.gpu_gb:g} GB: micro-batch {micro} x {accumulation} accumulation"
+            print(line)
+        print("breakdown of the last row:\n" + estimate.table())
+    except (ConfigError, ValueError, OSError) as e:
+        _fail(str(e))
     return 0
 
 
