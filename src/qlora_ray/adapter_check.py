@@ -97,13 +97,15 @@ class BaseSpec:
         Raises ValueError (one line) when the config cannot be read.
         """
         import torch
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+        from transformers import AutoConfig
+
+        from qlora_ray import tasks
 
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             with torch.device("meta"):
-                model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=trust_remote_code)
-        except Exception as e:  # a missing or unreadable config, an unknown or non-seq2seq architecture
+                model = tasks.model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+        except Exception as e:  # a missing or unreadable config, an unknown architecture
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"cannot build base model {path!r} from its config: {reason}") from None
         return cls.from_model(model, path)

@@ -52,9 +52,9 @@ def architecture_config(name: str) -> dict:
 def build_random_model(name: str, cache_dir: Path, *, seed: int = 0, progress: bool = True) -> Path:
     """Build (once, cached by config and seed) a random-weight checkpoint; return its directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
-    from qlora_ray import embedded
+    from qlora_ray import embedded, tasks
 
     config_dict = architecture_config(name)
     key = hashlib.sha1(json.dumps(config_dict, sort_keys=True).encode()).hexdigest()[:10]
@@ -80,7 +80,7 @@ def build_random_model(name: str, cache_dir: Path, *, seed: int = 0, progress: b
         embedded._log(progress, f"building {name} with random weights (seed {seed}) on {device}")
         torch.manual_seed(seed)
         with torch.device(device):
-            model = AutoModelForSeq2SeqLM.from_config(config, dtype=torch.bfloat16)
+            model = tasks.model_class(config).from_config(config, dtype=torch.bfloat16)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{out.name}."))
         try:
             model.save_pretrained(tmp, safe_serialization=True)

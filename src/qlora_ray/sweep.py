@@ -302,5 +302,9 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
         f"{summary['diverged']} diverged (NaN loss)."
     )
     lines.append(f"* published to the registry: {summary['registry']} (default: {index.get('default')})")
-    lines.append("Serve them with: serve run serve.app   (QLORA_RAY_REGISTRY=" + summary["registry"] + ")")
+    if config.model.task == "causal":
+        lines.append("(Serving causal bases is not built yet: these adapters are PEFT LoRA adapters for "
+                     f"{config.model.name}, loadable with peft.)")
+    else:
+        lines.append("Serve them with: serve run serve.app   (QLORA_RAY_REGISTRY=" + summary["registry"] + ")")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import torch
 from ray import serve
 from ray.serve import metrics
+from transformers import AutoConfig
 
 from qlora_ray.adapter_check import AdapterInvalid, BaseSpec, check_adapter
 from qlora_ray.config import ModelSettings
@@ -91,6 +92,10 @@ class AdapterModel:
         default = self._entry(self.index.get("default"))
         load = entry_load(self.index, default or {})
         model_settings = ModelSettings(**{k: v for k, v in load.items() if k in ModelSettings.__dataclass_fields__})
+        if not getattr(AutoConfig.from_pretrained(self.base_model, trust_remote_code=model_settings.trust_remote_code),
+                       "is_encoder_decoder", False):
+            raise RuntimeError(f"{self.base_model} is a causal LM: serving causal bases is not built yet (the "
+                               "serving engine runs encoder-decoder models); its adapters stay in the registry")
         self.tokenizer = load_tokenizer(self.base_model, model_settings)
         model = load_base_model(self.base_model, model_settings)
         model.eval()

@@ -20,7 +20,7 @@ from types import ModuleType
 from qlora_ray.config import ConfigError
 
 SEQ2SEQ, CAUSAL = "seq2seq", "causal"
-IMPLEMENTED = (SEQ2SEQ,)
+IMPLEMENTED = (SEQ2SEQ, CAUSAL)
 
 
 def name_for(model_config) -> str:
@@ -30,9 +30,6 @@ def name_for(model_config) -> str:
 
 def get(name: str) -> ModuleType:
     if name not in IMPLEMENTED:
-        if name == CAUSAL:
-            raise ConfigError("causal LMs (decoder-only models) are not supported yet: this version tunes "
-                              "encoder-decoder models (T5 and the like)")
         raise ConfigError(f"unknown task {name!r}; known: {', '.join(IMPLEMENTED)}")
     return import_module(f"qlora_ray.tasks.{name}")
 
