@@ -57,6 +57,8 @@ class DataSettings:
     text_column: str = setting("text", "column with the source text")
     summary_column: str = setting("summary", "column with the reference summary")
     prefix: str = "summarize: "
+    # Causal models: the prompt, with {text} for the text column (default: prefix + text + newline).
+    prompt_template: str | None = None
     max_source_length: int = setting(256, "source tokens kept")
     max_target_length: int = setting(32, "summary tokens kept (and generated)")
     train_size: int | None = setting(None, "cap on training examples (default all)")
@@ -85,6 +87,11 @@ class TrainSettings:
     eval_batch_size: int = 32
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # of max_steps; the larger of the two warmups applies
+    lr_scheduler_type: str = "linear"  # transformers' names: linear, constant, cosine, ...
+    max_grad_norm: float = 1.0
+    group_by_length: bool = False  # batches of similar lengths (less padding)
+    packing: bool = False  # causal: pack several examples into each row (TRL's bfd packing)
     optim: str = setting("auto", "transformers optimizer name (auto: paged_adamw_8bit on GPU, the QLoRA recipe; "
                          "adamw_torch on CPU)")
     # "feed-forward": each FFN block, most of T5's activation memory for little recompute.

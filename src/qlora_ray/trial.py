@@ -198,7 +198,10 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_di
         per_device_eval_batch_size=train.eval_batch_size,
         learning_rate=learning_rate,
         weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_steps,
+        warmup_steps=max(train.warmup_steps, math.ceil(train.warmup_ratio * (max_steps or train.max_steps))),
+        lr_scheduler_type=train.lr_scheduler_type,
+        max_grad_norm=train.max_grad_norm,
+        **_sampling_args(train.group_by_length),
         optim=optim,
         eval_strategy="steps",
         eval_steps=train.eval_every,
@@ -228,6 +231,16 @@ def _checkpointing_args(full: bool) -> dict:
     known = {f.name for f in fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     return {name: full, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def _sampling_args(group_by_length: bool) -> dict:
+    # transformers 5.2x replaced group_by_length=True with train_sampling_strategy="group_by_length".
+    if not group_by_length:
+        return {}
+    known = {f.name for f in fields(TrainingArguments)}
+    if "train_sampling_strategy" in known:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
 
 
 def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -23,6 +23,8 @@ PEFT_TASK_TYPE = "CAUSAL_LM"
 
 
 def prompt_text(settings: DataSettings, text: str) -> str:
+    if settings.prompt_template:
+        return settings.prompt_template.replace("{text}", text)
     return f"{settings.prefix}{text}\n"
 
 
@@ -88,7 +90,7 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, trainin
     args = SFTConfig(
         **training_args,
         max_length=config.data.max_source_length + config.data.max_target_length,
-        packing=False,
+        packing=config.train.packing,
         completion_only_loss=True,
         dataset_kwargs={"skip_prepare_dataset": False},
     )
