@@ -59,15 +59,15 @@ def add_flag(group, f: dataclasses.Field) -> None:
     group.add_argument(_flag_name(f), type=parse, dest=f.name, help=text, **options)
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "tune_t5.py", default_preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tune_t5.py",
+        prog=prog,
         description="Tune QLoRA adapters with Ray Tune + Optuna + ASHA and publish the best to a registry.",
         epilog="Precedence: flags > --config > --preset > built-in defaults (the defaults shown; a preset may "
         "change them). Every flag is a setting of src/qlora_ray/config.py. Presets: "
         + ", ".join(available_presets()),
     )
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name (default {DEFAULT_PRESET})")
+    p.add_argument("--preset", default=default_preset, help=f"preset name (default {default_preset})")
     p.add_argument("--config", help="YAML file with model/data/lora/train/search sections")
     p.add_argument("--resume", action="store_true",
                    help="finish the latest sweep in --output-dir, with the settings it started with")
@@ -99,8 +99,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "tune_t5.py", default_preset: str = DEFAULT_PRESET) -> int:
+    args = parser(prog, default_preset).parse_args(argv)
     if args.verbose:
         notices.be_verbose()
     try:

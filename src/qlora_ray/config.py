@@ -16,8 +16,10 @@ from typing import Any
 import yaml
 
 EMBEDDED_MODEL = "embedded:tiny-t5"
+EMBEDDED_CAUSAL_MODEL = "embedded:tiny-llama"
 EMBEDDED_DATASET = "embedded:stdlib-docstrings"
 DEFAULT_PRESET = "tiny-t5-stdlib"
+DEFAULT_CAUSAL_PRESET = "tiny-llama-stdlib"
 # Local data files by suffix -> the `datasets` loader that reads them.
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

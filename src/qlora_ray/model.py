@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_ray import tasks
-from qlora_ray.config import EMBEDDED_MODEL, ConfigError, LoraSettings, ModelSettings
+from qlora_ray.config import EMBEDDED_CAUSAL_MODEL, EMBEDDED_MODEL, ConfigError, LoraSettings, ModelSettings
 
 # Leaf names of the query/value projections across common architectures.
 _QUERY_VALUE = {"q", "v", "q_proj", "v_proj", "query", "value"}
@@ -29,8 +29,13 @@ def resolve_model_path(settings: ModelSettings, *, progress: bool = True) -> str
         from qlora_ray import embedded
 
         return str(embedded.build_tiny_t5(embedded.default_cache_dir(), progress=progress))
+    if settings.name == EMBEDDED_CAUSAL_MODEL:
+        from qlora_ray import embedded, embedded_causal
+
+        return str(embedded_causal.build_tiny_causal(embedded.default_cache_dir(), progress=progress))
     if settings.name.startswith("embedded:"):
-        raise ConfigError(f"unknown embedded model {settings.name!r}; the one built in is {EMBEDDED_MODEL!r}")
+        raise ConfigError(f"unknown embedded model {settings.name!r}; the built-in ones are {EMBEDDED_MODEL!r} "
+                          f"(seq2seq) and {EMBEDDED_CAUSAL_MODEL!r} (causal)")
     return settings.name
 
 

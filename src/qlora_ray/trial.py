@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import datasets
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from ray import tune
@@ -289,8 +290,9 @@ class _ReportToTune(TrainerCallback):
 
 
 def _limit_threads(config: Config) -> None:
-    if not notices.verbose():  # every trial loads the base: one progress bar each is noise
+    if not notices.verbose():  # every trial loads the base and TRL re-maps its data: a bar each is noise
         transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     # Trials share the machine: one torch thread per CPU Ray gave the trial.
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", config.search.cpus_per_trial)))
