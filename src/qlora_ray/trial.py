@@ -138,7 +138,7 @@ def plan_to_fit(model_path: str, config: Config, hparams: dict) -> BatchPlan:
 
     try:
         first = predicted(plan.micro_batch_size)
-    except (ValueError, KeyError) as e:  # an architecture the estimator does not know: train as configured
+    except (ValueError, KeyError, TypeError) as e:  # an architecture the estimator does not know: as configured
         print(f"No memory estimate for this model ({e}); training at micro-batch {plan.micro_batch_size}")
         return plan
     if first <= limit:
