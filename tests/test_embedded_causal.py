@@ -154,7 +154,8 @@ def test_model_config(causal_dir: Path, tokenizer) -> None:
     config = AutoConfig.from_pretrained(causal_dir)
     generation = GenerationConfig.from_pretrained(causal_dir)
     assert (generation.eos_token_id, generation.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
-    assert generation.repetition_penalty == embedded_causal.GENERATION_DEFAULTS["repetition_penalty"]
+    for key, value in embedded_causal.GENERATION_DEFAULTS.items():  # the shipped generation defaults, if any
+        assert getattr(generation, key) == value
     assert config.model_type == "llama" and not config.tie_word_embeddings
     assert config.vocab_size >= len(tokenizer) and config.vocab_size % 64 == 0
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
