@@ -94,3 +94,13 @@ def _clean(rows: Dataset, settings: DataSettings, limit: int | None) -> Dataset:
     if limit is not None and len(rows) > limit:
         rows = rows.shuffle(seed=settings.seed).select(range(limit))
     return rows
+
+
+def encode_splits(raw: DatasetDict, encode) -> TokenizedData:
+    """Both splits through a task's batched `encode`, as plain columns."""
+    columns = {}
+    for split in ("train", "eval"):
+        encoded = raw[split].map(encode, batched=True, remove_columns=raw[split].column_names,
+                                 desc=f"tokenizing {split}")
+        columns[split] = encoded.to_dict()
+    return TokenizedData(train=columns["train"], eval=columns["eval"])

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from qlora_ray.config import Config, DataSettings
-from qlora_ray.data import TokenizedData
+from qlora_ray.data import TokenizedData, encode_splits
 from qlora_ray.metrics import rouge
 
 MODEL_CLASS = AutoModelForCausalLM
@@ -41,12 +41,7 @@ def tokenize(raw: DatasetDict, tokenizer, settings: DataSettings) -> TokenizedDa
             "completion_mask": [[0] * len(p) + [1] * (len(c) + 1) for p, c in zip(prompts, completions, strict=True)],
         }
 
-    columns = {}
-    for split in ("train", "eval"):
-        encoded = raw[split].map(encode, batched=True, remove_columns=raw[split].column_names,
-                                 desc=f"tokenizing {split}")
-        columns[split] = encoded.to_dict()
-    return TokenizedData(train=columns["train"], eval=columns["eval"])
+    return encode_splits(raw, encode)
 
 
 class _SFTWithRouge(SFTTrainer):

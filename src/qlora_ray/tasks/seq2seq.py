@@ -11,7 +11,7 @@ from transformers import (
 )
 
 from qlora_ray.config import Config, DataSettings
-from qlora_ray.data import TokenizedData
+from qlora_ray.data import TokenizedData, encode_splits
 from qlora_ray.metrics import seq2seq_rouge
 
 MODEL_CLASS = AutoModelForSeq2SeqLM
@@ -30,12 +30,7 @@ def tokenize(raw: DatasetDict, tokenizer, settings: DataSettings) -> TokenizedDa
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                 "labels": labels["input_ids"]}
 
-    columns = {}
-    for split in ("train", "eval"):
-        encoded = raw[split].map(encode, batched=True, remove_columns=raw[split].column_names,
-                                 desc=f"tokenizing {split}")
-        columns[split] = encoded.to_dict()
-    return TokenizedData(train=columns["train"], eval=columns["eval"])
+    return encode_splits(raw, encode)
 
 
 def build_trainer(model, tokenizer, data: TokenizedData, config: Config, training_args: dict) -> Seq2SeqTrainer:
