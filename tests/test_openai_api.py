@@ -12,7 +12,7 @@ import requests
 from openai import OpenAI
 
 from qlora_ray.serving.guards import ApiError
-from qlora_ray.serving.openai_api import StreamUsage, completion_body, parse_completion_request
+from qlora_ray.serving.openai_api import TEXT, StreamUsage, parse_completion_request
 from qlora_ray.serving.protocol import Completion, GenerationResult, StreamChunk
 from qlora_ray.serving.settings import ServeSettings
 from tests.test_serve import SOURCES, assert_serving, post_raw, registered_adapter, server  # noqa: F401
@@ -150,10 +150,12 @@ def test_malformed_model_id(client):
     assert e.value.param == "model"
 
 
-def test_chat_completions_are_not_served(client, ids):
-    with pytest.raises(openai.NotFoundError) as e:
+def test_a_chat_for_a_model_without_chat_template_is_a_400(client, ids):
+    # T5 tokenizers have no chat template: the answer says where to go instead (tests/test_serve_causal.py
+    # serves chats from a causal base).
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=ids["default"], messages=[{"role": "user", "content": "hi"}])
-    assert "completions" in e.value.message and e.value.code == "unsupported_endpoint"
+    assert "/v1/completions" in e.value.message and e.value.code == "unsupported"
 
 
 @pytest.mark.parametrize(("params", "param"), [
@@ -245,7 +247,7 @@ def test_parse_rejects(body, param):
 
 def test_completion_body_counts_prompt_tokens_once_per_prompt():
     result = GenerationResult("a", [Completion(i, i // 2, f"t{i}", "stop", 10 + i // 2, 3) for i in (3, 0, 2, 1)])
-    body = completion_body("cmpl-1", 5, "a", result)
+    body = TEXT.body("cmpl-1", 5, "a", result)
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["usage"] == {"prompt_tokens": 21, "completion_tokens": 12, "total_tokens": 33}
 

@@ -4,7 +4,7 @@
 loaded, nothing is unpickled) and answers either a `CheckedAdapter` describing every LoRA
 module and saved module, or `AdapterInvalid` with a one-line reason a person can act on.
 
-What passes is a plain LoRA adapter (peft_type LORA, seq2seq or no task type) whose weights
+What passes is a plain LoRA adapter (peft_type LORA, the base's task type or none) whose weights
 are exactly those peft would save for its config on this base: `lora_A` [r, in] and
 `lora_B` [out, r] for every linear module `target_modules` selects (peft's matching rules),
 and full `[out, in]` weights for linear `modules_to_save`. Options that change the math
@@ -30,7 +30,6 @@ KEY_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-SEQ2SEQ_TASKS = {None, "SEQ_2_SEQ_LM"}
 # init_lora_weights values that leave the base weights as they are (the adapter is all there is).
 PLAIN_INITS = {True, False, "gaussian", "eva", "orthogonal"}
 
@@ -75,6 +74,7 @@ class BaseSpec:
     name: str  # the registry's base_model (local path or hub id)
     model_type: str  # config.model_type
     linear: dict[str, tuple[int, int]]  # module path -> (in_features, out_features), incl. "lm_head"
+    task_type: str = "SEQ_2_SEQ_LM"  # the PEFT task type its adapters have: SEQ_2_SEQ_LM or CAUSAL_LM
 
     @classmethod
     def from_model(cls, model, name: str) -> BaseSpec:
@@ -87,8 +87,10 @@ class BaseSpec:
             model = model.get_base_model()
         linear: dict[str, tuple[int, int]] = {}
         _collect_linear(model, "", linear)
-        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-        return cls(name=name, model_type=model_type, linear=linear)
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None) or type(model).__name__
+        task_type = "SEQ_2_SEQ_LM" if getattr(config, "is_encoder_decoder", False) else "CAUSAL_LM"
+        return cls(name=name, model_type=model_type, linear=linear, task_type=task_type)
 
     @classmethod
     def from_config(cls, path: str, *, trust_remote_code: bool = False) -> BaseSpec:
@@ -173,7 +175,7 @@ def check_adapter(directory, base: BaseSpec, *, max_bytes: int = 2 * 1024**3) ->
                              f"{_size(MAX_CONFIG_BYTES)}")
 
     config = _read_config(config_path)
-    settings = _lora_settings(config)
+    settings = _lora_settings(config, base)
     header, file_bytes = read_safetensors_header(weights_path)
     modules, saved = _match_weights(header, config, settings, base)
     base_name = config.get("base_model_name_or_path")
@@ -231,13 +233,14 @@ def _is_default(value) -> bool:
     return value is None or value is False or value == [] or value == {} or value == ""
 
 
-def _lora_settings(config: dict) -> _Settings:
+def _lora_settings(config: dict, base: BaseSpec) -> _Settings:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterInvalid(f"peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) are supported")
     task_type = config.get("task_type")
-    if task_type not in SEQ2SEQ_TASKS:
-        raise AdapterInvalid(f"task_type {task_type!r} does not fit a seq2seq base; expected SEQ_2_SEQ_LM")
+    if task_type not in (None, base.task_type):
+        kind = "seq2seq" if base.task_type == "SEQ_2_SEQ_LM" else "causal LM"
+        raise AdapterInvalid(f"task_type {task_type!r} does not fit a {kind} base; expected {base.task_type}")
     for name, reason in _UNSUPPORTED.items():
         if not _is_default(config.get(name)):
             raise AdapterInvalid(f"{reason} ({name}={_short(config[name])})")

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from qlora_ray.registry import RegistryError, check_adapter_id
-from qlora_ray.serving.catalog import REJECTED, Catalog
+from qlora_ray.serving.catalog import REJECTED, Catalogs
 from qlora_ray.serving.guards import (
     ApiError,
     GuardConfig,
@@ -305,11 +305,12 @@ def _loc(part: object) -> str:
 @serve.deployment(name="Api", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(api)
 class Api(OpenAIRoutes):
-    def __init__(self, model: DeploymentHandle, settings: ServeSettings):
+    def __init__(self, models: list[DeploymentHandle], settings: ServeSettings):
         self.settings = settings
         _GUARDS["config"] = GuardConfig.from_settings(settings)
-        self.catalog = Catalog(settings.registry, max_adapter_bytes=settings.max_adapter_bytes)
-        self.client = ModelClient(model, settings.request_timeout_s, settings.show_paths)
+        # One model deployment per registry, in the same order as the catalogs.
+        self.catalog = Catalogs(settings.registries(), max_adapter_bytes=settings.max_adapter_bytes)
+        self.clients = [ModelClient(m, settings.request_timeout_s, settings.show_paths) for m in models]
         self.metrics = IngressMetrics()
 
     # ---- shared by both APIs ----
@@ -317,7 +318,10 @@ class Api(OpenAIRoutes):
     def accounting(self) -> Record:
         return Record(self.metrics)
 
-    async def call_catalog(self, fn: Callable[[Catalog], Any]) -> Any:
+    def client_for(self, registry: int) -> ModelClient:
+        return self.clients[registry]
+
+    async def call_catalog(self, fn: Callable[[Catalogs], Any]) -> Any:
         """Catalog work off the event loop (it stats files and may check an adapter)."""
         return await asyncio.to_thread(fn, self.catalog)
 
@@ -331,29 +335,39 @@ class Api(OpenAIRoutes):
     @api.get("/healthz")
     async def healthz(self) -> Response:
         try:
-            await self.client.call("ping", timeout_s=min(10.0, self.settings.request_timeout_s))
+            timeout_s = min(10.0, self.settings.request_timeout_s)
+            await asyncio.gather(*(c.call("ping", timeout_s=timeout_s) for c in self.clients))
         except ApiError as e:
             return render_error("/healthz", ApiError(503, f"the model replicas are not answering ({e.message})"))
         return SafeJSONResponse({"status": "ok"})
 
     @api.get("/v1/adapters")
     async def adapters(self) -> Response:
-        def listing(catalog: Catalog) -> dict:
-            index = catalog.index()
-            adapters = []
-            for entry in index["adapters"]:
-                status, reason = catalog.adapter_status(entry["id"])
-                adapters.append(entry | {"status": status} | ({"reason": reason} if reason else {}))
-            return {"default": index.get("default"), "base_model": index.get("base_model"),
-                    "base_metrics": index.get("base_metrics") or {}, "adapters": adapters}
+        def listing(catalogs: Catalogs) -> dict:
+            """The first registry's default and base; with several registries, each one's under
+            "registries" and every adapter (each names its base_model) in "adapters"."""
+            adapters, registries = [], []
+            for i, catalog in enumerate(catalogs.catalogs):
+                index = catalog.index()
+                registries.append({"default": index.get("default"), "base_model": index.get("base_model"),
+                                   "base_metrics": index.get("base_metrics") or {}})
+                for entry in index["adapters"]:
+                    if catalogs.owner(entry["id"]) != i:
+                        continue  # shadowed by an earlier registry's adapter of the same id
+                    status, reason = catalog.adapter_status(entry["id"])
+                    adapters.append(entry | {"status": status} | ({"reason": reason} if reason else {}))
+            body = registries[0] | {"adapters": adapters}
+            return body | ({"registries": registries} if len(registries) > 1 else {})
 
         body = await self.call_catalog(listing)
         return SafeJSONResponse(public(body, self.settings.show_paths))
 
     @api.get("/v1/stats")
     async def stats(self) -> Response:
-        status = await self.client.call("status", timeout_s=min(10.0, self.settings.request_timeout_s))
-        return SafeJSONResponse(public(status, self.settings.show_paths))
+        timeout_s = min(10.0, self.settings.request_timeout_s)
+        statuses = await asyncio.gather(*(c.call("status", timeout_s=timeout_s) for c in self.clients))
+        body = statuses[0] if len(statuses) == 1 else {"registries": list(statuses)}
+        return SafeJSONResponse(public(body, self.settings.show_paths))
 
     @api.post("/v1/summarize")
     async def summarize(self, request: Request) -> Response:
@@ -372,9 +386,9 @@ class Api(OpenAIRoutes):
             if body.max_new_tokens is not None and not 1 <= body.max_new_tokens <= s.max_new_tokens_limit:
                 raise ApiError(422, f"max_new_tokens must be between 1 and {s.max_new_tokens_limit}, "
                                     f"got {quote(body.max_new_tokens, 40)}")
-            adapter = await self._native_adapter(body.adapter)
+            adapter, registry = await self._native_adapter(body.adapter)
             record.adapter = adapter
-            result = await self.client.generate(GenerationRequest(
+            result = await self.client_for(registry).generate(GenerationRequest(
                 prompts=texts, adapter=adapter, max_new_tokens=body.max_new_tokens or s.default_max_new_tokens,
                 request_id=request.headers.get("x-request-id", "")[:100]))
             record.tokens = sum(c.completion_tokens for c in result.completions)
@@ -390,10 +404,10 @@ class Api(OpenAIRoutes):
         except ValidationError as e:
             raise ApiError(422, validation_message(e)) from None
 
-    async def _native_adapter(self, adapter: str | None) -> str:
-        """The request's adapter (or the registry's default), registered and not rejected."""
+    async def _native_adapter(self, adapter: str | None) -> tuple[str, int]:
+        """The request's adapter (or the default) and its registry; registered and not rejected."""
         if adapter is None:
-            adapter = await self.call_catalog(lambda c: c.default_id())
+            adapter, _ = await self.call_catalog(lambda c: c.default())
             if adapter is None:
                 raise ApiError(503, "no adapters registered yet", code="no_adapters")
         elif adapter == "":
@@ -403,7 +417,8 @@ class Api(OpenAIRoutes):
         except RegistryError:
             raise ApiError(400, "adapter id must be 1-128 characters of lowercase letters, digits, '-' or '_', "
                                 f"starting with a letter or digit; got {quote(adapter)}") from None
-        if await self.call_catalog(lambda c: c.entry(adapter)) is None:
+        registry = await self.call_catalog(lambda c: c.owner(adapter))
+        if registry is None:
             raise ApiError(404, f"unknown adapter {quote(adapter)}", code="model_not_found")
         await self.check_ready(adapter)
-        return adapter
+        return adapter, registry

@@ -10,6 +10,7 @@ files, so listings stay cheap and a replaced adapter is checked again.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import logging
 import os
 import threading
@@ -55,6 +56,8 @@ class Model:
     adapter: str | None
     created: int
     entry: dict | None
+    parent: str | None = None  # an adapter's base model id
+    registry: int = 0  # which of the served registries (Catalogs) holds it
 
 
 class Catalog:
@@ -110,8 +113,9 @@ class Catalog:
         """The base (when the registry has one), then every adapter, in registry order."""
         index = self.index()
         fallback = self._index_mtime
-        adapters = [Model(a["id"], a["id"], parse_created(a.get("created"), fallback), a) for a in index["adapters"]]
         base = self.base_id(index)
+        adapters = [Model(a["id"], a["id"], parse_created(a.get("created"), fallback), a, base)
+                    for a in index["adapters"]]
         if base is None:
             return adapters
         created = min((m.created for m in adapters), default=fallback)
@@ -161,6 +165,54 @@ class Catalog:
         with self._lock:
             self._base = (base_model, spec)
         return spec
+
+
+class Catalogs:
+    """Several registries served side by side (e.g. a T5 base and a causal base), each by its own
+    model deployment. Model ids are looked up in registry order: an id that two registries share
+    (or an adapter named like another registry's base) is served from the first."""
+
+    def __init__(self, roots: list[str], *, max_adapter_bytes: int):
+        self.catalogs = [Catalog(root, max_adapter_bytes=max_adapter_bytes) for root in roots]
+
+    def models(self) -> list[Model]:
+        seen: set[str] = set()
+        out = []
+        for i, catalog in enumerate(self.catalogs):
+            for m in catalog.models():
+                if m.id not in seen:
+                    seen.add(m.id)
+                    out.append(dataclasses.replace(m, registry=i))
+        return out
+
+    def model(self, model_id: str) -> Model | None:
+        for i, catalog in enumerate(self.catalogs):
+            found = catalog.model(model_id)
+            if found is not None:
+                return dataclasses.replace(found, registry=i)
+        return None
+
+    def owner(self, adapter_id: str) -> int | None:
+        """The registry that serves this adapter id, or None."""
+        return next((i for i, c in enumerate(self.catalogs) if c.entry(adapter_id) is not None), None)
+
+    def entry(self, adapter_id: str) -> dict | None:
+        owner = self.owner(adapter_id)
+        return None if owner is None else self.catalogs[owner].entry(adapter_id)
+
+    def default(self) -> tuple[str | None, int]:
+        """The native API's default adapter: the first registry's default that is set."""
+        for i, catalog in enumerate(self.catalogs):
+            default = catalog.default_id()
+            if default is not None:
+                return default, i
+        return None, 0
+
+    def adapter_status(self, adapter_id: str) -> tuple[str, str | None]:
+        owner = self.owner(adapter_id)
+        if owner is None:
+            return REJECTED, "not registered"
+        return self.catalogs[owner].adapter_status(adapter_id)
 
 
 def _file_key(path: Path) -> tuple | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from qlora_ray.serving.causal_runner import CausalRunner
 from qlora_ray.serving.multi_lora import SlotContext
 from qlora_ray.serving.t5_runner import T5Runner
 
@@ -32,6 +33,15 @@ logger = logging.getLogger("ray.serve")
 # Rows encoded together when batch-invariant (a fixed shape; short groups are padded with copies).
 # On a GPU a whole batch: the encoder call is bound by kernel launches, not by its rows.
 CPU_PREFILL_GROUP = 4
+
+
+def runner_class(model) -> type[T5Runner] | type[CausalRunner]:
+    return T5Runner if getattr(model.config, "is_encoder_decoder", False) else CausalRunner
+
+
+def compute_dtype(model) -> torch.dtype:
+    """What the engine decodes in (caches, LoRA slots): the dtype of the model's last norm."""
+    return runner_class(model).final_norm_of(model).weight.dtype
 
 
 class QueueFull(RuntimeError):
@@ -68,13 +78,13 @@ class Engine:
         # batch holds, so each row's arithmetic, and its output, is the same bit for bit as
         # when it is decoded alone (GPU kernels pick their algorithm by shape).
         self.batch_invariant = batch_invariant
-        self.runner = T5Runner(model, max_rows, max_source, max_new)
+        self.runner = runner_class(model)(model, max_rows, max_source, max_new)
         self.device, self.max_rows, self.max_queued = self.runner.device, max_rows, max_queued
         gen = model.generation_config
-        self.start_token = model.config.decoder_start_token_id
         eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.heads: dict[int, torch.Tensor] = {}  # slot -> the adapter's own lm_head weight (modules_to_save)
+        self.head_bias = model.lm_head.bias  # Phi's lm_head has one; a saved head keeps the base's
         vocab = model.lm_head.out_features
         long = {"device": self.device, "dtype": torch.long}
         self.tokens = torch.zeros(max_rows, **long)  # each cache row's last token
@@ -181,12 +191,14 @@ class Engine:
         else:
             self._encode(n0, rows, n, max(len(r.input_ids) for r in rows))
         index = slice(n0, n0 + n)
-        self.tokens[index] = self.start_token
-        self.positions[index] = 0
+        starts = [self.runner.begin(r.input_ids) for r in rows]
+        self.tokens[index] = torch.tensor([token for token, _, _ in starts], device=self.device)
+        self.positions[index] = torch.tensor([position for _, position, _ in starts], device=self.device)
         self.slots[index] = torch.tensor([r.slot for r in rows], device=self.device)
         self.penalty[index] = torch.tensor([r.repetition_penalty for r in rows], device=self.device)
         self.seen[index] = False
-        self.seen[index, self.start_token] = True  # transformers penalizes the decoder's start token too
+        for i, (_, _, seen) in enumerate(starts):
+            self.seen[n0 + i, seen] = True
         for r in rows:
             if r.temperature > 0:
                 r.generator = torch.Generator(self.device)
@@ -218,7 +230,7 @@ class Engine:
             hidden = self.runner.step(self.tokens, self.positions)
         else:
             self.ctx.rows = self.slots[:n]
-            key_len = max(len(r.tokens) for r in self.active) + 1
+            key_len = int(self.positions[:n].max()) + 1
             hidden = self.runner.step(self.tokens[:n], self.positions[:n], key_len, max(self.source_lens))
         self.ctx.rows = self.slots[:width]
         logits = self.model.lm_head(hidden).float()
@@ -227,9 +239,9 @@ class Engine:
             index = torch.tensor([i for i, r in enumerate(self.active) if r.slot == slot], device=self.device)
             if self.batch_invariant:  # row by row: one shape, however many rows share the adapter
                 for i in index.tolist():
-                    logits[i] = F.linear(hidden[i : i + 1], self.heads[slot]).float()[0]
+                    logits[i] = F.linear(hidden[i : i + 1], self.heads[slot], self.head_bias).float()[0]
             else:
-                logits[index] = F.linear(hidden.index_select(0, index), self.heads[slot]).float()
+                logits[index] = F.linear(hidden.index_select(0, index), self.heads[slot], self.head_bias).float()
         logits = logits[:n]
         # repetition_penalty, as transformers applies it: seen tokens' logits shrink toward 0... or below it
         penalty = self.penalty[:n, None]

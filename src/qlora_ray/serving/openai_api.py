@@ -46,8 +46,26 @@ NEUTRAL = {
     "frequency_penalty": (None, 0),
     "logit_bias": (None, {}),
 }
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-         "stream_options", "user", "ignore_eos", *NEUTRAL}
+SHARED = {"model", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user", "ignore_eos"}
+KNOWN = {*SHARED, "prompt", "max_tokens", *NEUTRAL}
+CHAT_NEUTRAL = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "store": (None, False),
+}
+CHAT_KNOWN = {*SHARED, "messages", "max_tokens", "max_completion_tokens", *CHAT_NEUTRAL}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MAX_MESSAGES = 256
 
 
 def error_body(e: ApiError) -> dict:
@@ -75,6 +93,7 @@ class CompletionParams:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False
+    messages: list[dict[str, str]] | None = None  # a chat (prompts is then empty)
 
 
 def param_name(name: str) -> str:
@@ -139,25 +158,28 @@ def _values(allowed: tuple) -> str:
     return " or ".join(json.dumps(a) for a in allowed)
 
 
-def parse_completion_request(body: object, settings) -> CompletionParams:
-    """A /v1/completions body -> CompletionParams; every problem is a 400 naming its parameter."""
+def _check_names(body: object, known: set[str], neutral: dict[str, tuple]) -> dict:
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", None)
     for name in body:
-        if name not in KNOWN:
+        if name not in known:
             raise invalid(f"Unrecognized request argument supplied: {param_name(name)}", param_name(name),
                           "unknown_parameter")
-    for name, allowed in NEUTRAL.items():
+    for name, allowed in neutral.items():
         if not _neutral(body.get(name), allowed):
             raise invalid(f"{name} is not supported by this server (only {_values(allowed)})", name,
                           "unsupported_parameter")
-
     model = body.get("model")
     if model is None:
         raise invalid("you must provide a model parameter", "model", "missing_required_parameter")
     if not isinstance(model, str):
         raise invalid("model must be a string", "model", "invalid_type")
+    return body
 
+
+def parse_completion_request(body: object, settings) -> CompletionParams:
+    """A /v1/completions body -> CompletionParams; every problem is a 400 naming its parameter."""
+    body = _check_names(body, KNOWN, NEUTRAL)
     if "prompt" not in body or body["prompt"] is None:
         raise invalid("you must provide a prompt parameter", "prompt", "missing_required_parameter")
     prompt = body["prompt"]
@@ -178,15 +200,85 @@ def parse_completion_request(body: object, settings) -> CompletionParams:
         problem = text_problem(p, "prompt" if isinstance(prompt, str) else f"prompt[{i}]", settings.max_text_chars)
         if problem is not None:
             raise invalid(problem.message, "prompt", "invalid_value")
-
     max_tokens = _int(body, "max_tokens", 1, settings.max_new_tokens_limit)
-    temperature = _number(body, "temperature", 0.0, lambda x: 0 <= x <= 2, "between 0 and 2")
-    top_p = _number(body, "top_p", 1.0, lambda x: 0 < x <= 1, "greater than 0 and at most 1")
-    n = _int(body, "n", 1, MAX_N) or 1
-    if len(prompts) * n > settings.max_texts:
+    return _sampling(body, settings, CompletionParams(model=body["model"], prompts=prompts, max_tokens=max_tokens))
+
+
+def parse_chat_request(body: object, settings) -> CompletionParams:
+    """A /v1/chat/completions body -> CompletionParams with `messages`; every problem is a 400."""
+    body = _check_names(body, CHAT_KNOWN, CHAT_NEUTRAL)
+    messages = _chat_messages(body.get("messages"), settings)
+    max_tokens = _int(body, "max_completion_tokens", 1, settings.max_new_tokens_limit)
+    legacy = _int(body, "max_tokens", 1, settings.max_new_tokens_limit)  # the deprecated name
+    if max_tokens is not None and legacy is not None and legacy != max_tokens:
+        raise invalid("give max_completion_tokens or max_tokens, not both", "max_tokens", "invalid_value")
+    params = CompletionParams(model=body["model"], prompts=[], messages=messages,
+                              max_tokens=max_tokens if max_tokens is not None else legacy)
+    return _sampling(body, settings, params)
+
+
+def _chat_messages(messages: object, settings) -> list[dict[str, str]]:
+    """OpenAI's messages -> [{"role", "content"}] with text content; tools and images are not served."""
+    if messages is None:
+        raise invalid("you must provide a messages parameter", "messages", "missing_required_parameter")
+    if not isinstance(messages, list):
+        raise invalid("messages must be a list of message objects", "messages", "invalid_type")
+    if not messages:
+        raise invalid("messages must not be empty", "messages", "invalid_value")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid(f"at most {MAX_MESSAGES} messages per request, got {len(messages)}", "messages",
+                      "invalid_value")
+    out, total = [], 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(f"{where} must be an object", where, "invalid_type")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {quote(role, 40)}",
+                          f"{where}.role", "invalid_value")
+        for name in m:
+            if name not in ("role", "content", "name"):
+                raise invalid(f"{where}: {param_name(name)} is not supported by this server (text messages only)",
+                              f"{where}.{param_name(name)}", "unsupported_parameter")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise invalid(f"{where}.name must be a string", f"{where}.name", "invalid_type")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise invalid(f"{where}.content[{j}]: only text parts are supported", f"{where}.content",
+                                  "unsupported_parameter")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content",
+                          "invalid_type")
+        problem = text_problem(content, f"{where}.content", settings.max_text_chars)
+        if problem is not None and problem.kind != "empty":
+            raise invalid(problem.message, f"{where}.content", "invalid_value")
+        total += len(content)
+        if total > settings.max_text_chars * settings.max_texts:
+            raise invalid(f"the messages hold more than {settings.max_text_chars * settings.max_texts} characters",
+                          "messages", "invalid_value")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if out[-1]["role"] == "assistant":
+        raise invalid("the last message must not be the assistant's: the model writes the next assistant turn",
+                      "messages", "invalid_value")
+    return out
+
+
+def _sampling(body: dict, settings, params: CompletionParams) -> CompletionParams:
+    """The parameters completions and chat share: sampling, n, stop, seed, streaming."""
+    count = max(1, len(params.prompts))
+    params.temperature = _number(body, "temperature", 0.0, lambda x: 0 <= x <= 2, "between 0 and 2")
+    params.top_p = _number(body, "top_p", 1.0, lambda x: 0 < x <= 1, "greater than 0 and at most 1")
+    params.n = _int(body, "n", 1, MAX_N) or 1
+    if count * params.n > settings.max_texts:
         raise invalid(f"at most {settings.max_texts} completions per request (prompts x n), "
-                      f"got {len(prompts)} x {n}", "n", "invalid_value")
-    seed = _int(body, "seed", *SEED_RANGE)
+                      f"got {count} x {params.n}", "n", "invalid_value")
+    params.seed = _int(body, "seed", *SEED_RANGE)
 
     stop = body.get("stop")
     if stop is None:
@@ -205,12 +297,12 @@ def parse_completion_request(body: object, settings) -> CompletionParams:
         problem = text_problem(s, "stop", MAX_STOP_CHARS)
         if problem is not None and problem.kind == "surrogate":
             raise invalid(problem.message, "stop", "invalid_value")
+    params.stop = stops
 
-    stream = _bool(body, "stream")
-    include_usage = False
+    params.stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None:
-        if not stream:
+        if not params.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options", "invalid_value")
         if not isinstance(options, dict):
             raise invalid("stream_options must be an object", "stream_options", "invalid_type")
@@ -218,31 +310,29 @@ def parse_completion_request(body: object, settings) -> CompletionParams:
             if name != "include_usage":
                 raise invalid(f"Unrecognized stream_options argument: {param_name(name)}", "stream_options",
                               "unknown_parameter")
-        include_usage = _bool(options, "include_usage")
+        params.include_usage = _bool(options, "include_usage")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("user must be a string", "user", "invalid_type")
-
-    return CompletionParams(model=model, prompts=prompts, max_tokens=max_tokens, temperature=temperature,
-                            top_p=top_p, n=n, stop=stops, seed=seed, stream=stream, include_usage=include_usage,
-                            ignore_eos=_bool(body, "ignore_eos"))
+    params.ignore_eos = _bool(body, "ignore_eos")
+    return params
 
 
 def generation_request(params: CompletionParams, adapter: str | None, request_id: str) -> GenerationRequest:
     return GenerationRequest(prompts=params.prompts, adapter=adapter, max_new_tokens=params.max_tokens,
                              temperature=params.temperature, top_p=params.top_p, n=params.n, stop=params.stop,
                              seed=None if params.seed is None else params.seed % 2**32, request_id=request_id,
-                             ignore_eos=params.ignore_eos)
+                             ignore_eos=params.ignore_eos, messages=params.messages)
 
 
 # ---------------------------------------------------------------------------------------------
 # Responses
 
 
-def model_object(model: Model, base_id: str | None) -> dict:
+def model_object(model: Model) -> dict:
     obj = {"id": model.id, "object": "model", "created": model.created, "owned_by": OWNER}
     if model.adapter is not None:
-        obj["parent"] = base_id
+        obj["parent"] = model.parent
     return obj
 
 
@@ -251,18 +341,70 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(completion_id: str, created: int, model: str, result: GenerationResult) -> dict:
-    completions = sorted(result.completions, key=lambda c: c.index)
-    prompt_tokens = {c.prompt_index: c.prompt_tokens for c in completions}  # once per prompt, not per choice
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"text": c.text, "index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
-                    for c in completions],
-        "usage": usage(sum(prompt_tokens.values()), sum(c.completion_tokens for c in completions)),
-    }
+def result_usage(result: GenerationResult) -> dict:
+    prompt_tokens = {c.prompt_index: c.prompt_tokens for c in result.completions}  # once per prompt, not per choice
+    return usage(sum(prompt_tokens.values()), sum(c.completion_tokens for c in result.completions))
+
+
+@dataclass
+class Header:
+    """What every body of one response repeats."""
+
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+
+    def envelope(self, object_type: str) -> dict:
+        return {"id": self.id, "object": object_type, "created": self.created, "model": self.model}
+
+
+class Shape:
+    """How a response looks: text completions (TEXT) or chat completions (CHAT)."""
+
+    id_prefix = "cmpl"
+    object = chunk_object = "text_completion"
+
+    def body(self, completion_id: str, created: int, model: str, result: GenerationResult) -> dict:
+        choices = [self.choice(c) for c in sorted(result.completions, key=lambda c: c.index)]
+        header = Header(completion_id, created, model, False)
+        return header.envelope(self.object) | {"choices": choices, "usage": result_usage(result)}
+
+    def choice(self, c) -> dict:
+        return {"text": c.text, "index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
+
+    def opening(self, header: Header, n: int) -> list[dict]:
+        return []
+
+    def chunk(self, header: Header, chunk: StreamChunk) -> dict:
+        choice = {"text": chunk.text, "index": chunk.index, "logprobs": None, "finish_reason": chunk.finish_reason}
+        return self._chunk_body(header, choice)
+
+    def _chunk_body(self, header: Header, choice: dict) -> dict:
+        body = header.envelope(self.chunk_object) | {"choices": [choice]}
+        return body | ({"usage": None} if header.include_usage else {})
+
+
+class ChatShape(Shape):
+    id_prefix = "chatcmpl"
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def choice(self, c) -> dict:
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": None, "finish_reason": c.finish_reason}
+
+    def opening(self, header: Header, n: int) -> list[dict]:
+        """As OpenAI: each choice's stream starts with the assistant role and empty content."""
+        return [self._chunk_body(header, {"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}) for i in range(n)]
+
+    def chunk(self, header: Header, chunk: StreamChunk) -> dict:
+        delta = {"content": chunk.text} if chunk.text else {}
+        return self._chunk_body(header, {"index": chunk.index, "delta": delta, "logprobs": None,
+                                         "finish_reason": chunk.finish_reason})
+
+
+TEXT, CHAT = Shape(), ChatShape()
 
 
 def sse(data: dict | str) -> bytes:
@@ -292,20 +434,6 @@ class StreamUsage:
         return usage(sum(self.prompt.values()), self.completion_tokens)
 
 
-def chunk_body(completion_id: str, created: int, model: str, chunk: StreamChunk, include_usage: bool) -> dict:
-    body = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"text": chunk.text, "index": chunk.index, "logprobs": None,
-                     "finish_reason": chunk.finish_reason}],
-    }
-    if include_usage:
-        body["usage"] = None
-    return body
-
-
 # ---------------------------------------------------------------------------------------------
 # Routes (methods of the Api deployment, which provides catalog, settings and client)
 
@@ -317,51 +445,56 @@ class OpenAIRoutes:
 
     @router.get("/v1/models")
     async def list_models(self) -> Response:
-        models, base = await self.call_catalog(lambda c: (c.models(), c.base_id()))
-        return SafeJSONResponse({"object": "list", "data": [model_object(m, base) for m in models]})
+        models = await self.call_catalog(lambda c: c.models())
+        return SafeJSONResponse({"object": "list", "data": [model_object(m) for m in models]})
 
     @router.get("/v1/models/{model_id:path}")
     async def retrieve_model(self, model_id: str) -> Response:
-        model, base = await self.call_catalog(lambda c: (c.model(model_id), c.base_id()))
+        model = await self.call_catalog(lambda c: c.model(model_id))
         if model is None:
             raise model_not_found(model_id)
-        return SafeJSONResponse(model_object(model, base))
-
-    @router.api_route("/v1/chat/completions", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    async def chat_completions(self) -> Response:
-        raise ApiError(404, "This server serves text completions only: POST /v1/completions with a `prompt` "
-                            "(the adapters summarize text; they are not chat models). "
-                            "/v1/chat/completions is not supported.", code="unsupported_endpoint")
+        return SafeJSONResponse(model_object(model))
 
     @router.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
+        params = parse_completion_request(parse_json(await request.body()), self.settings)
+        return await self._generate(params, TEXT)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        params = parse_chat_request(parse_json(await request.body()), self.settings)
+        return await self._generate(params, CHAT)
+
+    async def _generate(self, params: CompletionParams, shape: "Shape") -> Response:
         async with self.accounting() as record:
-            params = parse_completion_request(parse_json(await request.body()), self.settings)
             model = await self.resolve_model(params.model)
             record.adapter = model.id
-            completion_id = f"cmpl-{uuid.uuid4().hex}"
+            completion_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
             created = int(time.time())
             req = generation_request(params, model.adapter, completion_id)
+            client = self.client_for(model.registry)
             if not params.stream:
-                result = await self.client.generate(req)
+                result = await client.generate(req)
                 record.tokens = sum(c.completion_tokens for c in result.completions)
-                return SafeJSONResponse(completion_body(completion_id, created, model.id, result))
-            first, rest = await self.client.open_stream(req)
-            stream = self._completion_events(record.detach(), first, rest, params, completion_id, created, model.id)
+                return SafeJSONResponse(shape.body(completion_id, created, model.id, result))
+            first, rest = await client.open_stream(req)
+            header = Header(completion_id, created, model.id, params.include_usage)
+            stream = self._events(record.detach(), first, rest, params, header, shape)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _completion_events(self, record, first: StreamChunk | None, rest: AsyncGenerator[StreamChunk, None],
-                                 params: CompletionParams, completion_id: str, created: int,
-                                 model: str) -> AsyncIterator[bytes]:
+    async def _events(self, record, first: StreamChunk | None, rest: AsyncGenerator[StreamChunk, None],
+                      params: CompletionParams, header: "Header", shape: "Shape") -> AsyncIterator[bytes]:
         counts = StreamUsage(params.n)
         async with record:
             try:
+                for body in shape.opening(header, params.n):
+                    yield sse(body)
                 chunk = first
                 while chunk is not None:
                     counts.add(chunk)
                     if chunk.text or chunk.finish_reason:
-                        yield sse(chunk_body(completion_id, created, model, chunk, params.include_usage))
+                        yield sse(shape.chunk(header, chunk))
                     chunk = await anext(rest, None)
             except ApiError as e:  # mid-stream: the status line is gone, so say it in the stream
                 record.fail(e)
@@ -372,8 +505,7 @@ class OpenAIRoutes:
                 record.tokens = counts.completion_tokens
                 await rest.aclose()  # a client that went away cancels the replica's rows
             if params.include_usage:
-                yield sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": counts.body()})
+                yield sse(header.envelope(shape.chunk_object) | {"choices": [], "usage": counts.body()})
             yield sse("[DONE]")
 
     async def resolve_model(self, model_id: str) -> Model:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class GenerationRequest:
-    prompts: list[str]  # raw texts: the replica adds the adapter's task prefix
+    prompts: list[str]  # raw texts: the replica formats them as the adapter's training prompts were
     adapter: str | None  # a registry adapter id; None is the bare base model
     max_new_tokens: int | None = None  # None: the adapter's task default
     temperature: float = 0.0  # 0: greedy
@@ -23,6 +23,8 @@ class GenerationRequest:
     seed: int | None = None  # sampling seed; choice j of a prompt uses seed + j
     request_id: str = ""
     ignore_eos: bool = False  # generate max_new_tokens even past end-of-sequence (vLLM's extension; benchmarks)
+    # A chat instead of prompts: [{"role", "content"}], rendered with the tokenizer's chat template.
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -62,6 +64,7 @@ CODES = {
     "adapter_not_found": 404,
     "adapter_rejected": 422,  # registered, but failed validation: the message names why
     "invalid_request": 422,
+    "unsupported": 400,  # e.g. a chat for a model without a chat template
     "queue_full": 503,  # the replica's bounded queue is full: retry later
     "timeout": 504,
     "generation_failed": 500,

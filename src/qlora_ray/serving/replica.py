@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator
 import torch
 from ray import serve
 from ray.serve import metrics
-from transformers import AutoConfig
 
 from qlora_ray.adapter_check import AdapterInvalid, BaseSpec, check_adapter
 from qlora_ray.config import ModelSettings
 from qlora_ray.model import load_base_model, load_tokenizer
 from qlora_ray.registry import INDEX, Registry, RegistryError, entry_load, entry_task
 from qlora_ray.serving.adapter_store import AdapterRejected, AdapterStore
-from qlora_ray.serving.engine import Engine, QueueFull, Row
+from qlora_ray.serving.catalog import base_model_id
+from qlora_ray.serving.engine import Engine, QueueFull, Row, compute_dtype
 from qlora_ray.serving.multi_lora import SlotContext
 from qlora_ray.serving.protocol import (
     Completion,
@@ -35,6 +35,7 @@ from qlora_ray.serving.protocol import (
     error,
 )
 from qlora_ray.serving.settings import ServeSettings
+from qlora_ray.tasks import causal as causal_task
 
 logger = logging.getLogger("ray.serve")
 
@@ -89,18 +90,16 @@ class AdapterModel:
         if not self.index.get("base_model"):
             raise RuntimeError(f"no adapters registered in {self.registry.root}: run a sweep first")
         self.base_model = self.index["base_model"]
+        self.base_model_id = base_model_id(self.base_model)
         default = self._entry(self.index.get("default"))
         load = entry_load(self.index, default or {})
         model_settings = ModelSettings(**{k: v for k, v in load.items() if k in ModelSettings.__dataclass_fields__})
-        if not getattr(AutoConfig.from_pretrained(self.base_model, trust_remote_code=model_settings.trust_remote_code),
-                       "is_encoder_decoder", False):
-            raise RuntimeError(f"{self.base_model} is a causal LM: serving causal bases is not built yet (the "
-                               "serving engine runs encoder-decoder models); its adapters stay in the registry")
         self.tokenizer = load_tokenizer(self.base_model, model_settings)
         model = load_base_model(self.base_model, model_settings)
         model.eval()
         base = BaseSpec.from_model(model, self.base_model)  # before any LoRA wrapper goes in
-        dtype = model.get_decoder().final_layer_norm.weight.dtype
+        self.causal = not getattr(model.config, "is_encoder_decoder", False)
+        dtype = compute_dtype(model)
         if settings.base_weights == "bf16":
             dtype = torch.bfloat16 if torch.cuda.is_available() else dtype
             dequantize(model, dtype)
@@ -235,13 +234,22 @@ class AdapterModel:
         max_new = min(max_new, self.settings.max_new_tokens_limit)
         max_source = min(int(task.get("max_source_length") or self.engine.runner.max_source),
                          self.engine.runner.max_source)
+        if request.messages is not None:
+            made = self._chat_ids(request.messages, self.engine.runner.max_source)
+            if isinstance(made, ReplicaError):
+                return made
+            prompts = [made]
+        else:
+            prompts = []
+            for p, prompt in enumerate(request.prompts):
+                try:
+                    ids = self.tokenizer(self._prompt_text(task, prompt), truncation=True,
+                                         max_length=max_source)["input_ids"]
+                except Exception as e:  # e.g. text the tokenizer cannot encode: this request fails, no other
+                    return error("invalid_request", f"prompt {p} cannot be tokenized: {type(e).__name__}")
+                prompts.append(ids)
         rows = []
-        for p, prompt in enumerate(request.prompts):
-            try:
-                text = task.get("prefix", "") + prompt
-                ids = self.tokenizer(text, truncation=True, max_length=max_source)["input_ids"]
-            except Exception as e:  # e.g. text the tokenizer cannot encode: this request fails, no other
-                return error("invalid_request", f"prompt {p} cannot be tokenized: {type(e).__name__}")
+        for p, ids in enumerate(prompts):
             if not ids:
                 return error("invalid_request", f"prompt {p} is empty after tokenization")
             if max(ids) >= self.vocab_size:  # a tokenizer larger than the model's embedding
@@ -253,6 +261,28 @@ class AdapterModel:
                                 repetition_penalty=float(penalty), stop=list(request.stop),
                                 ignore_eos=request.ignore_eos))
         return rows
+
+    def _prompt_text(self, task: dict, prompt: str) -> str:
+        """The prompt as the adapter saw its training prompts: the task's prefix or prompt template."""
+        if self.causal:
+            return causal_task.prompt_text(task, prompt)
+        return task.get("prefix", "") + prompt
+
+    def _chat_ids(self, messages: list[dict], max_source: int) -> list[int] | ReplicaError:
+        """A conversation through the tokenizer's chat template, ending in the assistant's turn."""
+        if not self.causal or not getattr(self.tokenizer, "chat_template", None):
+            kind = "a chat template" if self.causal else "a chat template (it is a sequence-to-sequence model)"
+            return error("unsupported", f"{self.base_model_id} has no {kind}: use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as e:  # a template that rejects these roles or this order raises its own error
+            reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            return error("invalid_request", f"the messages do not fit the model's chat template: {reason}")
+        if len(ids) > max_source:
+            return error("invalid_request", f"the conversation is {len(ids)} tokens long; this model takes at "
+                                            f"most {max_source}")
+        return ids
 
     def _completion(self, request: GenerationRequest, rows: list[Row], i: int) -> Completion:
         r = rows[i]

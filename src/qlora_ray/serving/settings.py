@@ -11,6 +11,8 @@ ENV_PREFIX = "QLORA_RAY_"
 
 @dataclass
 class ServeSettings:
+    # One registry directory, or several separated by commas (a list in a Serve config file):
+    # each has its own base model and model deployment, all behind one API.
     registry: str = "./runs/registry"
     num_replicas: int = 1
     num_cpus: float = 1.0
@@ -53,12 +55,21 @@ class ServeSettings:
         if unknown:
             raise ValueError(f"unknown serve setting(s): {sorted(unknown)}")
         values.update(args or {})
+        if isinstance(values.get("registry"), list | tuple):
+            values["registry"] = ",".join(str(r) for r in values["registry"])
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         settings = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
         settings.validate()
         return settings
 
+    def registries(self) -> list[str]:
+        return [r.strip() for r in self.registry.split(",") if r.strip()]
+
     def validate(self) -> None:
+        if not self.registries():
+            raise ValueError("serve setting registry needs at least one directory")
+        if len(set(self.registries())) != len(self.registries()):
+            raise ValueError(f"serve setting registry names a directory twice: {self.registry!r}")
         for name in ("num_replicas", "max_adapters_per_replica", "max_batch_size", "max_queued_requests",
                      "default_max_new_tokens", "max_new_tokens_limit", "max_text_chars", "max_texts",
                      "max_body_bytes", "max_adapter_bytes"):

@@ -48,6 +48,16 @@ class T5Runner:
         self.cross_mask = torch.zeros(max_rows, max_source, **kw)  # 0 where a source token is, min elsewhere
         self.bias_table = self._self_attention_bias()  # [heads, query pos, key pos], causal mask included
 
+    @staticmethod
+    def final_norm_of(model: nn.Module) -> nn.Module:
+        return model.get_decoder().final_layer_norm
+
+    def begin(self, input_ids: list[int]) -> tuple[int, int, list[int]]:
+        """A joining row's first step input: (token, position, tokens repetition_penalty counts).
+        transformers penalizes the decoder's start token too, and never the encoder's input."""
+        start = self.config.decoder_start_token_id
+        return start, 0, [start]
+
     @torch.no_grad()
     def _self_attention_bias(self) -> torch.Tensor:
         attention = self.blocks[0].layer[0].SelfAttention
