@@ -11,12 +11,13 @@ checkpointing) runs in its own subprocess, so every row starts from an empty GPU
 - T5 rows take the project's own trial path: `random_init` builds the architecture's checkpoint
   once (cached in $QLORA_RAY_CACHE), then `trial.build_model` + `trial.build_trainer` (the sweep's
   Seq2SeqTrainer, optimizer, autocast and checkpointing), on full-length synthetic rows.
-- Causal rows (the project has no causal trial yet) build the model from its config directly on
+- Causal rows build the model from its config directly on
   the GPU in bf16, swap every nn.Linear but lm_head for a bitsandbytes Linear4bit quantized in
   memory (what `from_pretrained(quantization_config=...)` produces, without writing a 14 GB
-  checkpoint), add LoRA as `trial.build_model` does (fp32 trainables) and train with transformers'
-  Trainer (bf16 autocast, the named optimizer, non-reentrant checkpointing). "feed-forward"
-  checkpointing wraps each MLP block the way `model.checkpoint_feed_forward` wraps T5's.
+  checkpoint), prepare it as `trial.build_model` does (fused tanh GELU, bf16 LayerNorm outputs under
+  autocast, fp32 trainables) and train with transformers' Trainer (bf16 autocast, the named
+  optimizer, non-reentrant checkpointing, the model's own loss over full logits). "feed-forward"
+  checkpointing wraps each MLP block the way `model.checkpoint_feed_forward` does.
 
 Each row runs `--steps` optimizer steps (default 3; the peak comes once optimizer states exist)
 and records `torch.cuda.max_memory_allocated()` (measured_gb, compared with the estimate's
@@ -308,7 +309,7 @@ def run_causal(row: dict, steps: int, meter: _Meter, work: str) -> tuple:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
-    from qlora_ray.model import trainable_to_fp32
+    from qlora_ray.model import fuse_tanh_gelu, layer_norms_return_compute_dtype, trainable_to_fp32
 
     cfg_dict = arch_config(row["arch"])
     model_type = cfg_dict.pop("model_type")
@@ -321,6 +322,9 @@ def run_causal(row: dict, steps: int, meter: _Meter, work: str) -> tuple:
     quantize_linears(model, dtype)
     for param in model.parameters():
         param.requires_grad_(False)
+    fuse_tanh_gelu(model)  # as model.prepare_for_training does for the trials
+    if dtype == torch.bfloat16:
+        layer_norms_return_compute_dtype(model)
     if row["ckpt"] == "feed-forward":
         checkpoint_mlps(model)
     targets = memory.resolve_targets(cfg_dict | {"model_type": model_type}, row["targets"])
@@ -481,6 +485,17 @@ def merge(paths: list[str], out: Path) -> None:
     print(f"-> {out}")
 
 
+def repredict(out: Path) -> None:
+    """After an estimator change: the committed measurements against its new predictions (the rows
+    themselves are measured by this script's own model code, which the estimator does not change)."""
+    doc = json.loads(out.read_text())
+    rows = [_row_record(ALL_ROWS[r["name"]], r, r.get("error"), r.get("wall_s") or 0.0) for r in doc["rows"]]
+    doc |= {"summary": _summary(rows), "rows": rows, "predicted_on": time.strftime("%Y-%m-%d")}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc["summary"]))
+    print(f"-> {out}")
+
+
 def _has_gpu() -> bool:
     import torch
 
@@ -499,6 +514,8 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the rows and their predictions, run nothing")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="combine the rows of earlier runs' files (later files win) into --out; runs nothing")
+    ap.add_argument("--repredict", action="store_true",
+                    help="recompute --out's predictions with the current estimator, keeping its measurements")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row here, print its result
     args = ap.parse_args()
 
@@ -509,6 +526,9 @@ def main() -> None:
 
     if args.merge:
         merge(args.merge, Path(args.out))
+        return
+    if args.repredict:
+        repredict(Path(args.out))
         return
     rows = SMOKE_ROWS if args.smoke else ROWS
     if args.only:

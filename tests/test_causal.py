@@ -48,4 +48,4 @@ def test_a_causal_sweep_trains_evaluates_and_publishes(tiny_llama, tmp_path):
     assert len(index["adapters"]) == 2
     adapter_config = json.loads((out / "registry" / index["default"] / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "CAUSAL_LM"
-    assert "Serving causal bases is not built yet" in proc.stdout
+    assert "serve run serve.app" in proc.stdout

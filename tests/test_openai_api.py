@@ -150,9 +150,9 @@ def test_malformed_model_id(client):
     assert e.value.param == "model"
 
 
-def test_a_chat_for_a_model_without_chat_template_is_a_400(client, ids):
-    # T5 tokenizers have no chat template: the answer says where to go instead (tests/test_serve_causal.py
-    # serves chats from a causal base).
+def test_a_chat_for_a_seq2seq_model_is_a_400(client, ids):
+    # T5 has no chat format: the answer says where to go instead (tests/test_serve_causal.py serves chats
+    # from a causal base).
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=ids["default"], messages=[{"role": "user", "content": "hi"}])
     assert "/v1/completions" in e.value.message and e.value.code == "unsupported"

@@ -79,6 +79,7 @@ def test_publish_records_per_entry_settings(registry, base_path):
                              "trust_remote_code": False}
     # the tiny T5's generation_config.json has repetition_penalty 1.3; num_beams is the trainer's
     assert entry["task"] == {"prefix": "doc: ", "max_source_length": 256, "max_target_length": 32,
+                             "prompt_template": None, "format": "auto", "chat_template": None,
                              "generation": {"repetition_penalty": 1.3, "num_beams": 2}}
     assert index["task"] == entry["task"] and index["default"] == "sweep-1-b" and not index["pinned_default"]
     assert entry_task(index, entry) == entry["task"] and entry_load(index, entry) == entry["load"]
@@ -93,11 +94,14 @@ def test_old_format_entries_resolve(tmp_path, base_path, adapter):
                          "base_model": base_path, "created": "2026-01-01T00:00:00Z", "sweep": "s", "trial_id": "1",
                          "step": 5}]}
     entry = old["adapters"][0]
+    # keys an old entry lacks take the defaults, which are what it was trained with
     assert entry_task(old, entry) == {"prefix": "summarize: ", "max_source_length": 128, "max_target_length": 16,
+                                      "prompt_template": None, "format": "auto", "chat_template": None,
                                       "generation": {"repetition_penalty": 1.3, "num_beams": 1}}
     assert entry_load(old, entry) == load_settings(ModelSettings())
     bare = {"base_model": "no/such-model", "adapters": []}  # not even an index-level task
     assert entry_task(bare, {}) == {"prefix": "summarize: ", "max_source_length": 256, "max_target_length": 32,
+                                    "prompt_template": None, "format": "auto", "chat_template": None,
                                     "generation": {"num_beams": 1}}
     # a new sweep into an old registry: the old entry is left as it was and keeps resolving
     reg = Registry(tmp_path / "registry")

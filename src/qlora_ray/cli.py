@@ -56,7 +56,8 @@ def add_flag(group, f: dataclasses.Field) -> None:
     parse = {"int": int, "float": float, "str": str, "list[int]": _csv(int), "list[str]": _csv(str),
              "list[float]": _lr}[kind]
     options = {"choices": f.metadata["choices"]} if f.metadata.get("choices") else {"metavar": f.metadata["metavar"]}
-    group.add_argument(_flag_name(f), type=parse, dest=f.name, help=text, **options)
+    group.add_argument(_flag_name(f), *f.metadata.get("aliases", ()), type=parse, dest=f.name, help=text,
+                       **options)
 
 
 def parser(prog: str = "tune_t5.py", default_preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:

@@ -25,6 +25,9 @@ answer falls back to the live nodes. KubeRay runs its autoscaler in a separate c
 that reads no file, so there too only the live nodes count; so does a node type that leaves
 its `resources` for the autoscaler to look up from the instance type (declare them, as
 `cluster.yaml` does).
+
+`gpu_memory_gb()` answers how much memory those GPUs have, for `--gpus-per-trial auto` on a driver
+that may have no GPU: measured on the live GPU nodes (NVML), else from Ray's accelerator types.
 """
 
 from __future__ import annotations
@@ -116,7 +119,15 @@ def limits_from_cluster_config(config, head: dict[str, float]) -> dict:
 
 def _from_autoscaling_config() -> dict | None:
     """Source 2: the autoscaling config file of the head node's monitor process."""
-    head_id, head = _head()
+    config = _autoscaling_config()
+    if not config:
+        return None
+    return limits_from_autoscaling_config(config, _head()[1])
+
+
+def _autoscaling_config() -> dict | None:
+    """The autoscaling config (a dict) of the head node's monitor process, read on the head node."""
+    head_id, _ = _head()
     if head_id is None:
         return None
     port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]
@@ -134,9 +145,7 @@ def _from_autoscaling_config() -> dict | None:
         except Exception:
             ray.cancel(ref, force=True)
             raise
-    if not config:
-        return None
-    return limits_from_autoscaling_config(config, head)
+    return config
 
 
 def read_autoscaling_config(gcs_port: str) -> dict | None:
@@ -183,3 +192,118 @@ def limits_from_autoscaling_config(config: dict, head: dict[str, float]) -> dict
         workers.append((node_type.get("resources") or {}, float(node_type.get("min_workers") or 0), count))
     can_scale = _add_workers(total, workers, cluster_max)
     return {**total, "can_scale": can_scale}
+
+
+# GPU memory (GB, 10^9 bytes) by Ray's accelerator_type, the smallest model Ray names so (an "H100" may be an
+# 80 GB SXM/PCIe or a 94 GB NVL; a "V100" 16 or 32 GB): too low a figure only packs fewer trials per GPU.
+KNOWN_GPU_GB = {"T4": 15.0, "P4": 7.5, "P100": 16.0, "V100": 16.0, "A10G": 23.0, "L4": 22.0, "L40S": 45.0,
+                "A100": 40.0, "A100-40G": 40.0, "A100-80G": 80.0, "H100": 80.0, "H200": 141.0, "H20": 96.0,
+                "B200": 180.0}
+ACCELERATOR_PREFIX = "accelerator_type:"
+
+
+def gpu_memory_gb() -> tuple[float | None, str]:
+    """(GB, how it is known) of one GPU of the connected cluster's GPU nodes, the smallest where they differ,
+    for sizing GPU shares on a driver that may have no GPU itself (call after ray.init). GB is None when it
+    cannot be known; the text then says why.
+
+    A live GPU node is measured (NVML, by a tiny zero-resource task on it), or else known by its
+    `accelerator_type` resource (KNOWN_GPU_GB). With no GPU node up (an autoscaler adds them later),
+    the GPU node types the autoscaler knows (see capacity()) must all declare a known accelerator_type.
+    """
+    live = [n for n in ray.nodes() if n.get("Alive") and float(n.get("Resources", {}).get("GPU", 0)) > 0]
+    measured = _measure(live)
+    node_types = []
+    for source in (_reported_node_types, _autoscaling_node_types):
+        try:
+            node_types = source()
+        except Exception:  # private Ray internals, as in capacity()
+            node_types = []
+        if node_types:
+            break
+    return memory_from(live, measured, node_types)
+
+
+def memory_from(live: list[dict], measured: list[float | None], node_types: list[dict]) -> tuple[float | None, str]:
+    """gpu_memory_gb()'s decision: `live` GPU nodes (ray.nodes() entries) with their `measured` GB (None: not
+    measured), and the resources of the autoscaler's node types."""
+    figures, unknown = [], []
+    for node, gb in zip(live, measured, strict=True):
+        kind = _accelerator(node.get("Resources", {}))
+        if gb is None and kind in KNOWN_GPU_GB:
+            gb = KNOWN_GPU_GB[kind]
+        if gb is not None:
+            figures.append(gb)
+        else:
+            unknown.append(f"the GPU node {node.get('NodeManagerAddress', '?')} (NVML could not measure it; "
+                           f"accelerator_type: {kind or 'none'})")
+    for resources in node_types:
+        if float(resources.get("GPU", 0)) > 0:
+            kind = _accelerator(resources)
+            if kind in KNOWN_GPU_GB:
+                figures.append(KNOWN_GPU_GB[kind])
+            elif not live:  # a live GPU node's own figure stands for the node types it comes from
+                unknown.append(f"a GPU node type without a known accelerator_type ({kind or 'none declared'})")
+    if unknown or not figures:
+        reason = ("no GPU node is up to measure and the autoscaler's GPU node types declare no known "
+                  "accelerator_type") if not unknown else "nothing tells the GPU memory of " + ", ".join(unknown)
+        return None, reason
+    how = "measured on the GPU nodes" if any(m is not None for m in measured) else "from Ray's accelerator type"
+    return min(figures), how
+
+
+def _accelerator(resources: dict) -> str | None:
+    return next((key[len(ACCELERATOR_PREFIX):] for key in resources if key.startswith(ACCELERATOR_PREFIX)), None)
+
+
+def _measure(nodes: list[dict]) -> list[float | None]:
+    """The smallest GPU memory on each node, by NVML (None where it cannot be read: no NVIDIA driver)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(nvml_memory_gb)
+    refs = [task.options(num_cpus=0, max_retries=0,
+                         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+            for node in nodes]
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+    figures = []
+    for ref in refs:
+        try:
+            figures.append(ray.get(ref, timeout=0))
+        except Exception:  # failed, or still waiting for a worker
+            ray.cancel(ref, force=True)
+            figures.append(None)
+    return figures
+
+
+def nvml_memory_gb() -> float | None:
+    """On a node: the total memory of its smallest NVIDIA GPU (NVML sees every GPU of the node, and
+    needs neither CUDA nor torch: fast, and no GPU has to be free), or None without an NVIDIA driver."""
+    try:
+        import pynvml  # nvidia-ml-py, where installed
+    except ImportError:
+        from ray._private.thirdparty import pynvml  # the copy Ray detects GPUs with
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        totals = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total for i in range(count)]
+        return min(totals) / 1e9 if totals else None
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _reported_node_types() -> list[dict]:
+    from ray._private import state
+
+    config = state.state.get_cluster_config()
+    return [dict(group.resources) for group in config.node_group_configs] if config is not None else []
+
+
+def _autoscaling_node_types() -> list[dict]:
+    config = _autoscaling_config() or {}
+    return [node_type.get("resources") or {} for node_type in (config.get("available_node_types") or {}).values()]

@@ -8,6 +8,7 @@ below. YAML files mirror the dataclasses section by section.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,10 @@ DEFAULT_PRESET = "tiny-t5-stdlib"
 DEFAULT_CAUSAL_PRESET = "tiny-llama-stdlib"
 # Local data files by suffix -> the `datasets` loader that reads them.
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# DataSettings.format: how rows read. auto: from the columns (data.load_raw resolves it).
+PROMPT_COMPLETION, MESSAGES, TEXT = "prompt-completion", "messages", "text"
+DATA_FORMATS = ("auto", PROMPT_COMPLETION, MESSAGES, TEXT)
+COMPILE = ("auto", "none", "blocks")
 
 
 class ConfigError(ValueError):
@@ -29,10 +34,12 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
-            choices: tuple | None = None, metavar: str | None = None, factory: Any = dataclasses.MISSING) -> Any:
+            choices: tuple | None = None, metavar: str | None = None, factory: Any = dataclasses.MISSING,
+            aliases: tuple[str, ...] = ()) -> Any:
     """A settings field. One with `help` is also a command-line flag (cli.py derives the flags from
-    these dataclasses): `--<name>` with dashes, or `flag`; its type comes from the annotation."""
-    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+    these dataclasses): `--<name>` with dashes, or `flag`, and any `aliases` (other names of the same
+    flag); its type comes from the annotation."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "aliases": tuple(aliases)}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -56,11 +63,26 @@ class ModelSettings:
 @dataclass
 class DataSettings:
     dataset: str = setting(EMBEDDED_DATASET, "hub id or a local .json/.jsonl/.csv/.parquet file")
-    text_column: str = setting("text", "column with the source text")
-    summary_column: str = setting("summary", "column with the reference summary")
+    # How the rows read (causal models; seq2seq takes prompt-completion only). load_raw resolves auto.
+    format: str = setting("auto", "prompt-completion: the text (prompt) and summary (completion) columns; messages: "
+                          "a column of chat turns [{role, content}], rendered with the chat template, loss on the "
+                          "assistant turns; text: one formatted text column, loss on all of it (no ROUGE: use "
+                          "--metric eval_loss); auto: prompt-completion if both its columns are there, else "
+                          "messages if that column is, else text if the text column is the only column of strings",
+                          flag="--data-format", choices=DATA_FORMATS)
+    text_column: str = setting("text", "column with the source text (causal: the prompt; --data-format text: "
+                               "the whole formatted text)", aliases=("--prompt-column",))
+    summary_column: str = setting("summary", "column with the reference summary (causal: the completion)",
+                                  aliases=("--completion-column",))
+    messages_column: str = setting("messages", "column with the chat turns, for --data-format messages")
     prefix: str = "summarize: "
     # Causal models: the prompt, with {text} for the text column (default: prefix + text + newline).
+    # With format "text" the rows are already formatted: the template is not applied in training, only
+    # recorded for serving, which wraps a completion request's prompt in it (e.g. "[INST] {text} [/INST]").
     prompt_template: str | None = None
+    # Format "messages": a Jinja chat template used instead of the tokenizer's (needed when it has none);
+    # recorded with each adapter so serving renders chats with the same template.
+    chat_template: str | None = None
     max_source_length: int = setting(256, "source tokens kept")
     max_target_length: int = setting(32, "summary tokens kept (and generated)")
     train_size: int | None = setting(None, "cap on training examples (default all)")
@@ -99,6 +121,10 @@ class TrainSettings:
     # "feed-forward": each FFN block, most of T5's activation memory for little recompute.
     gradient_checkpointing: str = setting("none", "what backward recomputes to save memory: FFN blocks only, or "
                                           "every layer", choices=("none", "feed-forward", "full"))
+    # auto: on for causal models on a GPU (bench/causal_throughput.py: Llama-2-7B 1.35x faster steps), except
+    # with feed-forward checkpointing (inductor fails on a compiled block holding a checkpointed one).
+    compile: str = setting("auto", "torch.compile the decoder blocks' norms, attention and MLPs (auto: causal "
+                           "models on a GPU)", choices=COMPILE)
     num_beams: int = 1
     seed: int = 42
 
@@ -125,8 +151,14 @@ class SearchSettings:
     max_concurrent_trials: int | None = setting(None, "trials at once (default: as many as the cluster holds or "
                                                 "can scale to)")
     cpus_per_trial: int = setting(1, "CPUs per trial")
-    gpus_per_trial: float | None = setting(None, "GPUs per trial (default: 1 when the cluster has or can add GPUs, "
-                                           "else 0; 0.5 puts two trials on a GPU)")
+    # A number >= 0, "auto" or None; text on the command line, made a number (or "auto") by validate().
+    gpus_per_trial: str | None = setting(None, "GPUs per trial (default: 1 when the cluster has or can add GPUs, "
+                                         "else 0; 0.5 puts two trials on a GPU; auto: each trial the share of a "
+                                         "GPU its predicted peak memory needs, so small trials pack several to a "
+                                         "GPU)", metavar="N|auto")
+    gpu_memory_gb: float | None = setting(None, "memory of one GPU of the workers, for --gpus-per-trial auto "
+                                          "(default: measured on a GPU node, or known from Ray's accelerator type)",
+                                          metavar="GB")
     max_failures: int = 1  # retries of a crashed trial; others keep running either way
     top_k: int = setting(5, "adapters published to the registry")
     seed: int = setting(0, "search seed")
@@ -269,8 +301,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name} must be positive, got {value}")
     if t.eval_every > t.max_steps:
         raise ConfigError(f"eval_every ({t.eval_every}) must not exceed max_steps ({t.max_steps})")
-    if s.gpus_per_trial is not None and s.gpus_per_trial < 0:
-        raise ConfigError(f"gpus_per_trial must be >= 0, got {s.gpus_per_trial}")
+    s.gpus_per_trial = _gpus_per_trial(s.gpus_per_trial)
+    if s.gpu_memory_gb is not None and not float(s.gpu_memory_gb) > 0:
+        raise ConfigError(f"gpu_memory_gb must be positive, got {s.gpu_memory_gb}")
     if s.max_concurrent_trials is not None and s.max_concurrent_trials <= 0:
         raise ConfigError(f"max_concurrent_trials must be positive, got {s.max_concurrent_trials}")
     if Path(d.dataset).suffix.lower() in FILE_FORMATS and not Path(d.dataset).expanduser().is_file():
@@ -281,12 +314,46 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {t.gradient_checkpointing!r}"
         )
+    if isinstance(t.compile, bool):  # YAML true/false
+        t.compile = "blocks" if t.compile else "none"
+    if t.compile not in COMPILE:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE)}, got {t.compile!r}")
+    if d.format not in DATA_FORMATS:
+        raise ConfigError(f"data format must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}")
+    check_data_format(config)
     if config.model.task not in ("auto", "seq2seq", "causal"):
         raise ConfigError(f"model task must be auto, seq2seq or causal, got {config.model.task!r}")
     if config.model.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(
             f"compute_dtype must be auto, bfloat16, float16 or float32, got {config.model.compute_dtype!r}"
         )
+
+
+def check_data_format(config: Config, task: str | None = None) -> None:
+    """What the data format rules out: ROUGE needs completions to compare (format text has none), and a
+    seq2seq model needs prompt-completion pairs. Called by validate and, once the data and the model have
+    resolved format and task, by sweep.prepare."""
+    d, metric = config.data, config.search.metric
+    if d.format == TEXT and metric != "eval_loss":
+        raise ConfigError(f"--data-format text has no completions to score with {metric}: use --metric eval_loss "
+                          "--mode min (or prompt-completion or messages data)")
+    task = task or config.model.task
+    if task == "seq2seq" and d.format not in ("auto", PROMPT_COMPLETION):
+        raise ConfigError(f"a seq2seq model trains on prompt-completion pairs (--text-column, --summary-column); "
+                          f"--data-format {d.format} is for causal LMs")
+
+
+def _gpus_per_trial(value: Any) -> float | str | None:
+    """None (the default), "auto", or a number of GPUs >= 0 (an int when whole)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise ConfigError(f"gpus_per_trial must be a number of GPUs >= 0 (0.5 shares a GPU) or 'auto', got {value!r}")
+    return int(number) if number.is_integer() else number
 
 
 CHECKPOINTING = ("none", "feed-forward", "full")

@@ -387,7 +387,7 @@ def _t5_stacks(cfg: dict, arch: _Arch, *, b: int, src: int, tgt: int, p: int, ta
 
 
 def _decoder_stacks(cfg: dict, arch: _Arch, *, b: int, seq: int, p: int, targets: list[str], r: int,
-                    dropout: float, padded: bool) -> tuple[list[_Stack], int]:
+                    dropout: float, padded: bool, packed: bool = False) -> tuple[list[_Stack], int]:
     """Decoder-only models (Llama, Phi): one stack."""
     m = _decoder_dims(cfg)
     h, f, q, kv, heads = m["h"], m["f"], m["q"], m["kv"], m["heads"]
@@ -408,22 +408,24 @@ def _decoder_stacks(cfg: dict, arch: _Arch, *, b: int, seq: int, p: int, targets
         ff_bwd = 3 * p * f
         extra = t * 4 * h  # final norm
     else:
-        # Phi under autocast: LayerNorm runs in fp32 and saves its (fp32) input; the 4-bit layers return
-        # their input's dtype, so q, k, v, fc1's output and the residual stream are fp32. gelu_new is
-        # Python: it saves its input, tanh's output, 0.5*x and 1+tanh, all fp32. Two residual dropouts.
-        stream = 4
+        # Phi as the trial prepares it (model.layer_norms_return_compute_dtype, model.fuse_tanh_gelu): under
+        # autocast LayerNorm runs in fp32 and saves its fp32 input copy, but returns bf16, so q, k, v, fc1 and
+        # the residual stream stay bf16 (without that hook they turn fp32: bitsandbytes' 4-bit layers return
+        # their input's dtype). The GELU is torch's fused tanh GELU: it saves its input only. Two residual
+        # dropouts save masks.
         drop = 1 if cfg.get("resid_pdrop", 0.0) > 0 else 0
-        gelu = 16 * f if cfg.get("hidden_act", "gelu_new") == "gelu_new" else 4 * f
-        attn = t * (stream * h + sdpa + drop * h) + mask_per_layer
-        ff = t * (gelu + drop * h)
-        ff_keep = t * (stream * h + drop * h)  # the MLP's input (the fp32 LayerNorm output); its dropout is outside
-        layer_keep = t * stream * h
-        ff_bwd = 3 * 4 * f
-        extra = t * stream * h  # final LayerNorm
+        attn = t * (4 * h + sdpa + drop * h) + mask_per_layer
+        ff = t * (p * f + drop * h)
+        ff_keep = t * (p * h + drop * h)  # the MLP's input (the LayerNorm's output); its dropout is outside
+        layer_keep = t * p * h
+        ff_bwd = 3 * p * f
+        extra = t * 4 * h  # final LayerNorm
     attn += _lora_saved(arch, targets, r, dropout, p, tokens, "dec", "attn")
     ff += _lora_saved(arch, targets, r, dropout, p, tokens, "dec", "ff")
     bwd = max(t * ff_bwd, t * p * (2 * q + 2 * kv)) + t * 2 * 4 * h
     mask_once = b * seq * seq if padded else 0  # the bool mask transformers builds once
+    if packed:  # one row of b * seq tokens: its block-diagonal bool mask, built once (PACKED_SDPA ignores it)
+        mask_once = (b * seq) ** 2
     return [_Stack(m["layers"], attn, ff, ff_keep, layer_keep, bwd, extra)], mask_once
 
 
@@ -461,6 +463,10 @@ def estimate(
     optimizer: str = "paged_adamw_8bit",
     gradient_checkpointing: str = "none",
     padded: bool = False,
+    packed: bool = False,
+    lm_head: str = "logits",
+    loss_tokens: int | None = None,
+    trainable_dtype: str = "float32",
 ) -> Estimate:
     """Peak GPU memory of one QLoRA training step (the second or later: optimizer states exist).
 
@@ -471,7 +477,14 @@ def estimate(
     bias per row instead of one shared; causal: a float mask per layer). `gradient_checkpointing`:
     "full" recomputes every layer; "feed-forward" T5's T5LayerFF blocks (model.checkpoint_feed_forward)
     or, for Llama and Phi, the MLP blocks (as bench/memory_calibrate.py wraps them: the trial path
-    checkpoints only T5's today).
+    checkpoints them the same way).
+
+    Causal models only: `packed`: TRL's padding-free packing, the micro-batch as one row of
+    micro_batch_size x seq_len tokens attended per sequence (attention.PACKED_SDPA). `lm_head`:
+    "logits", the model's own loss over full fp32 logits, or "fused", TRL's chunked log-prob head
+    (SFTTrainer), which projects only the `loss_tokens` labelled positions per row (default all) in
+    tiles and never holds the logits. `trainable_dtype`: the adapter's dtype ("bfloat16" when TRL
+    casts a quantized model's adapter to bf16, as SFTTrainer does).
     """
     cfg = _cfg(model_config)
     arch = _architecture(cfg)
@@ -481,6 +494,8 @@ def estimate(
         raise ValueError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}")
     if compute_dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype!r}")
+    if lm_head not in ("logits", "fused"):
+        raise ValueError(f"lm_head must be logits or fused, got {lm_head!r}")
     if micro_batch_size < 1 or r < 1:
         raise ValueError("micro_batch_size and r must be positive")
     targets = resolve_targets(cfg, target_modules)
@@ -517,16 +532,23 @@ def estimate(
         if not seq_len:
             raise ValueError(f"{arch.model_type} needs seq_len")
         stacks, shared = _decoder_stacks(cfg, arch, b=micro_batch_size, seq=seq_len, p=p, targets=targets,
-                                         r=r, dropout=lora_dropout, padded=padded)
+                                         r=r, dropout=lora_dropout, padded=padded, packed=packed)
         out_tokens = micro_batch_size * seq_len
-        # ForCausalLMLoss upcasts the logits to fp32: log-probs saved, their gradient, the logits' gradient
-        loss = out_tokens * arch.vocab * 12
+        if lm_head == "fused":
+            # TRL's chunked head: the labelled positions' hidden states (gathered, saved), their fp32 gradient,
+            # and one (<= 4096 tokens x <= 32768 vocab) tile of logits in the compute dtype at a time.
+            n = micro_batch_size * min(loss_tokens or seq_len, seq_len)
+            loss = n * arch.hidden * (p + 4) + min(n, 4096) * min(arch.vocab, 32768) * p
+        else:
+            # ForCausalLMLoss upcasts the logits to fp32: log-probs saved, their gradient, the logits' gradient
+            loss = out_tokens * arch.vocab * 12
     saved, working = _activation_peak(stacks, gradient_checkpointing)
     saved += shared
     if "lm_head" in save:  # a trainable head saves its input; its weight gradient is made in bf16 first
         saved += out_tokens * arch.hidden * p
         loss += arch.save_modules["lm_head"] * p if autocast else 0
-    if autocast:  # autocast's bf16 copies of the fp32 trainable weights, kept for backward
+    weight_bytes = 2 if trainable_dtype in ("bfloat16", "float16") else 4
+    if autocast and weight_bytes == 4:  # autocast's bf16 copies of the fp32 trainable weights, kept for backward
         saved += 2 * trainable
     largest = max(lin.n_in * lin.n_out for lin in arch.linears if lin.quantized)
     dequantized = largest * 2  # bitsandbytes dequantizes one weight at a time to bf16/fp16
@@ -540,8 +562,8 @@ def estimate(
         "base_4bit": packed,
         "quant_constants": constants,
         "base_unquantized": unquantized,
-        "adapter": 4 * trainable,
-        "gradients": 4 * trainable,
+        "adapter": weight_bytes * trainable,
+        "gradients": weight_bytes * trainable,
         "optimizer": opt_allocated,
         "optimizer_paged": opt_paged,
         "activations": saved,
@@ -554,7 +576,8 @@ def estimate(
               "target_len": target_len, "seq_len": seq_len, "r": r, "target_modules": targets,
               "modules_to_save": save, "lora_dropout": lora_dropout, "quant_type": quant_type,
               "double_quant": double_quant, "compute_dtype": compute_dtype, "optimizer": optimizer,
-              "gradient_checkpointing": gradient_checkpointing, "padded": padded}
+              "gradient_checkpointing": gradient_checkpointing, "padded": padded, "packed": packed,
+              "lm_head": lm_head, "loss_tokens": loss_tokens, "trainable_dtype": trainable_dtype}
     return Estimate(breakdown, trainable, inputs)
 
 
@@ -594,15 +617,21 @@ def estimate_trial(model_config: Any, config: Any, hparams: dict, *, micro_batch
     hyperparameters (r, target_modules). compute_dtype "auto" is taken as bf16 (a GPU that has it);
     optim "auto" as paged_adamw_8bit (the trial's choice on a GPU). Causal models train on
     max_source_length + max_target_length tokens per row unless the data settings name a
-    `max_length`."""
+    `max_length`, through TRL's SFTTrainer: its fused LM head over the loss's tokens (every token
+    with data format text, else the completion's, max_target_length per row), a bf16 adapter (TRL
+    casts a quantized model's trainables to bf16) and, with `train.packing`, padding-free packed rows."""
     model, data, train, lora = config.model, config.data, config.train, config.lora
     dtype = compute_dtype if model.compute_dtype == "auto" else model.compute_dtype
     optim = "paged_adamw_8bit" if train.optim == "auto" else train.optim
-    lengths: dict[str, int] = {}
+    lengths: dict[str, Any] = {}
     if _model_type(_cfg(model_config)) == "t5":
         lengths = {"source_len": data.max_source_length, "target_len": data.max_target_length}
     else:
-        lengths = {"seq_len": getattr(data, "max_length", None) or data.max_source_length + data.max_target_length}
+        lengths = {"seq_len": getattr(data, "max_length", None) or data.max_source_length + data.max_target_length,
+                   "lm_head": "fused", "trainable_dtype": "bfloat16",
+                   # format text: the loss counts every token; else the completion's (<= max_target_length)
+                   "loss_tokens": None if getattr(data, "format", None) == "text" else data.max_target_length,
+                   "packed": bool(getattr(train, "packing", False))}
     return estimate(model_config, micro_batch_size=micro_batch_size or train.batch_size, r=int(hparams["r"]),
                     target_modules=hparams["target_modules"], modules_to_save=list(lora.modules_to_save),
                     lora_dropout=lora.dropout, quant_type=model.quant_type, double_quant=model.double_quant,

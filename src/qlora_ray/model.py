@@ -104,11 +104,90 @@ def prepare_for_training(model: nn.Module, settings: ModelSettings, gradient_che
     else:
         for param in model.parameters():
             param.requires_grad_(False)
+    fuse_tanh_gelu(model)
+    if compute_dtype(settings) == torch.bfloat16:
+        layer_norms_return_compute_dtype(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa" and not getattr(config, "is_encoder_decoder", False):
+        from qlora_ray.attention import PACKED_SDPA
+
+        model.set_attn_implementation(PACKED_SDPA)  # packed rows: each sequence attended alone, no mask
     if gradient_checkpointing == "feed-forward":
         checkpoint_feed_forward(model)
     # "full" is switched on by the Trainer (gradient_checkpointing=True in its arguments).
     keep_cpu_weights_fixed(model)
     return model
+
+
+# Decoder-block parts torch.compile fuses well: the elementwise work around the 4-bit matmuls (norms in fp32,
+# rotary, LoRA's dropout/scale/add, SiLU x up), ~25% of a Llama-2-7B step eagerly, and their Python and
+# launch overhead. Whole decoder layers compiled under gradient checkpointing hit an inductor partitioner
+# error ("Node ... was invalid, but is output", torch 2.11), so the parts are compiled one by one.
+_COMPILED_PARTS = ("RMSNorm", "MLP", "Attention")
+
+
+def should_compile(setting: str, *, causal: bool, gradient_checkpointing: str) -> bool:
+    if setting == "auto":
+        return causal and torch.cuda.is_available() and gradient_checkpointing != "feed-forward"
+    return setting == "blocks"
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each decoder layer's norms, attention and MLP in place (they share one compiled graph
+    per kind: modules are graph inputs). Returns how many modules were compiled."""
+    import torch._dynamo
+
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    parts = [m for m in model.modules() if type(m).__name__.endswith(_COMPILED_PARTS)]
+    for m in parts:
+        m.compile()
+    return len(parts)
+
+
+def fuse_tanh_gelu(model: nn.Module) -> int:
+    """Swap transformers' `gelu_new` (Phi, GPT-2 and kin) for torch's `gelu(approximate="tanh")`.
+
+    They are the same function, but `gelu_new` is written out in Python: eight elementwise
+    kernels whose intermediates autograd keeps (16 bytes per FFN unit in Phi-2; under autocast
+    in fp32, since `torch.pow` autocasts to fp32). The fused kernel keeps only its input, in
+    the input's dtype. Returns how many activations were swapped.
+    """
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+                swapped += 1
+    return swapped
+
+
+def layer_norms_return_compute_dtype(model: nn.Module) -> int:
+    """Under bf16 autocast, make `nn.LayerNorm` return bf16 (its weights' dtype) instead of fp32.
+
+    Autocast runs layer_norm in fp32 and returns fp32, and bitsandbytes' 4-bit layers return
+    their input's dtype: in Phi (parallel attention and MLP after one LayerNorm) q, k, v, fc1,
+    the activation, fc2 and so the whole residual stream then run, and are kept for backward,
+    in fp32: twice the activation memory and fp32 elementwise work, for matmuls that autocast
+    does in bf16 anyway. The norm still computes in fp32; only its output is rounded to bf16,
+    as in a bf16 model without autocast. (Llama's RMSNorm and T5's norm return their input's
+    dtype already.) Returns how many norms were hooked.
+    """
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.register_forward_hook(_output_to_weight_dtype)
+            hooked += 1
+    return hooked
+
+
+def _output_to_weight_dtype(module: nn.Module, args: tuple, output):
+    if (torch.is_tensor(output) and output.dtype != module.weight.dtype
+            and torch.is_autocast_enabled(output.device.type)):
+        return output.to(module.weight.dtype)
+    return None
 
 
 def keep_cpu_weights_fixed(model: nn.Module) -> None:
@@ -236,5 +315,6 @@ def checkpoint_feed_forward(model: nn.Module) -> int:
     return wrapped
 
 
-# Feed-forward sublayers (norm + MLP + residual) whose activations checkpoint_feed_forward drops.
-_FEED_FORWARD_BLOCKS = {"T5LayerFF"}
+# Feed-forward blocks whose activations checkpoint_feed_forward drops: T5's sublayer (norm + MLP +
+# residual), the MLPs of Llama and Phi (their norm's output is kept; qlora_ray.memory models both).
+_FEED_FORWARD_BLOCKS = {"T5LayerFF", "LlamaMLP", "PhiMLP"}

@@ -51,7 +51,9 @@ IMPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 DEFAULT_MAX_BYTES = 2 * 1024**3
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
 LOAD_KEYS = ("quant_type", "double_quant", "compute_dtype", "trust_remote_code")
-TASK_KEYS = ("prefix", "max_source_length", "max_target_length")
+# The DataSettings an adapter was trained with that serving formats prompts by (tasks.causal.prompt_ids and
+# chat_prompt_ids take the entry's "task" dict holding them).
+TASK_KEYS = ("prefix", "max_source_length", "max_target_length", "prompt_template", "format", "chat_template")
 # generation_config.json values that change what generate() decodes (token ids aside).
 DECODING_KEYS = (
     "do_sample", "temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import optuna
 from ray import tune
@@ -36,13 +37,71 @@ def param_space(s: SearchSettings) -> dict:
 
 
 def trial_resources(s: SearchSettings, cluster: dict) -> dict[str, float]:
-    """Per trial: cpus_per_trial CPUs and gpus_per_trial GPUs; with gpus_per_trial None (auto), 1 GPU
+    """Per trial: cpus_per_trial CPUs and gpus_per_trial GPUs; with gpus_per_trial None (the default), 1 GPU
     when `cluster` (cluster.capacity(): what the cluster holds or its autoscaler can add) has one,
-    so a cluster whose GPU workers scale from zero still gets GPU trials, else 0."""
+    so a cluster whose GPU workers scale from zero still gets GPU trials, else 0. With "auto" the same
+    answer is the most a trial asks for: PackedResources gives each trial its share of that GPU."""
     gpus = s.gpus_per_trial
-    if gpus is None:
+    if gpus is None or gpus == AUTO:
         gpus = 1 if cluster.get("GPU", 0) >= 1 else 0
     return {"cpu": s.cpus_per_trial, "gpu": gpus}
+
+
+AUTO = "auto"  # gpus_per_trial: a GPU share per trial from its predicted peak memory
+SHARE_STEPS = 8  # shares are multiples of 1/8 GPU, so that trials of different sizes fill a GPU exactly
+SHARE_HEADROOM = 0.2  # over the prediction: the estimator's error on the whole device reached 18% (README)
+
+
+def gpu_share(predicted_gb: float, gpu_gb: float) -> float:
+    """The fraction of a `gpu_gb` GPU a trial predicted to peak at `predicted_gb` asks for: with
+    SHARE_HEADROOM, rounded up to a multiple of 1/SHARE_STEPS, at most one GPU (a trial too big for
+    it plans smaller micro-batches within the whole GPU, or is skipped)."""
+    steps = math.ceil(predicted_gb * (1 + SHARE_HEADROOM) / gpu_gb * SHARE_STEPS - 1e-9)
+    return min(1.0, max(1, steps) / SHARE_STEPS)
+
+
+def memory_keys(s: SearchSettings) -> list[tuple[int, str]]:
+    """The (r, target_modules) pairs the search can sample: what a trial's memory depends on."""
+    return [(r, targets) for r in sorted(set(s.r)) for targets in dict.fromkeys(s.target_modules)]
+
+
+# The un-adapted base's evaluation builds a trial's model with this adapter (trial.evaluate_base).
+BASE_EVAL = {"r": 1, "target_modules": "all-linear"}
+
+
+def predicted_peaks(config: Config, model_config) -> dict[tuple[int, str], float]:
+    """Predicted peak GB (qlora_ray.memory) of every (r, target_modules) the search can sample, at the
+    configured micro-batch, plus the base evaluation's. ValueError/KeyError/TypeError: no estimate for
+    this architecture."""
+    from qlora_ray import memory
+
+    return {(r, targets): memory.estimate_trial(model_config, config, {"r": r, "target_modules": targets}).total_gb
+            for r, targets in [*memory_keys(config.search), (BASE_EVAL["r"], BASE_EVAL["target_modules"])]}
+
+
+@dataclass(frozen=True)
+class PackedResources:
+    """`tune.with_resources`' callable for gpus_per_trial "auto": a trial's resources from its sampled
+    config, cpus_per_trial CPUs and the GPU share its predicted peak needs on a `gpu_gb` GPU, so
+    Ray packs small trials several to a GPU. Inside the trial, trial.memory_limit_gb plans within the
+    share Ray gave it."""
+
+    cpus: float
+    gpu_gb: float
+    predicted: dict[tuple[int, str], float]  # predicted_peaks()
+    limit_gb: float | None = None  # train.memory_limit_gb: a trial plans within it, so it needs no more
+
+    def share(self, hparams: dict) -> float:
+        need = self.predicted.get((int(hparams["r"]), str(hparams["target_modules"])))
+        if need is None:  # a configuration outside the search space (not expected): a whole GPU
+            return 1.0
+        return gpu_share(min(need, self.limit_gb or need), self.gpu_gb)
+
+    def shares(self, s: SearchSettings) -> dict[tuple[int, str], float]:
+        return {key: self.share({"r": key[0], "target_modules": key[1]}) for key in memory_keys(s)}
+
+    def __call__(self, hparams: dict) -> tune.PlacementGroupFactory:
+        return tune.PlacementGroupFactory([{"CPU": self.cpus, "GPU": self.share(hparams)}])
 
 
 def max_concurrency(s: SearchSettings, resources: dict[str, float], cluster: dict) -> int:

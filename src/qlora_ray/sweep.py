@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,8 @@ import yaml
 from ray import tune
 
 from qlora_ray import notices, plots, search, storage, tasks, tracking
-from qlora_ray.cluster import capacity
-from qlora_ray.config import METRICS, Config, ConfigError, merge
+from qlora_ray.cluster import capacity, gpu_memory_gb
+from qlora_ray.config import METRICS, Config, ConfigError, check_data_format, merge
 from qlora_ray.data import TokenizedData, load_raw
 from qlora_ray.model import Architecture, inspect_architecture, load_tokenizer, resolve_model_path
 from qlora_ray.registry import (
@@ -27,10 +28,11 @@ from qlora_ray.registry import (
     metric_rank_key,
     task_settings,
 )
-from qlora_ray.trial import TRIAL_INFO, evaluate_base, run_trial
+from qlora_ray.trial import TRIAL_INFO, DoesNotFit, evaluate_base, run_trial
 
 SWEEP_CONFIG = "config.yaml"  # the settings a sweep ran with, for --resume
 ASHA_STATE = "asha_state.pkl"  # the scheduler's rungs, reloaded by --resume
+DOES_NOT_FIT = f"{DoesNotFit.__name__}: "  # how a trial skipped by its memory plan's error reads (_error_reason)
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Prepared:
     architecture: Architecture
     data: TokenizedData
     name: str  # experiment name, new or resumed
+    # gpus_per_trial "auto": predicted peak GB per (r, target_modules) (search.predicted_peaks)
+    predicted: dict[tuple[int, str], float] | None = None
 
 
 def prepare(config: Config, *, resume: bool = False) -> Prepared:
@@ -57,11 +61,12 @@ def prepare(config: Config, *, resume: bool = False) -> Prepared:
     if config.mlflow:
         tracking.check_mlflow_uri(config.mlflow)
     storage.open_root(storage.root(config))
-    raw = load_raw(config.data)  # first: a bad file or column fails before any model build
+    raw = load_raw(config.data)  # first: a bad file or column fails before any model build (resolves data.format)
     model_path = resolve_model_path(config.model)
     architecture = inspect_architecture(model_path, config.model)
     task_name = architecture.task if config.model.task == "auto" else config.model.task
     task = tasks.get(task_name)  # a task this version cannot run fails here, before Ray starts
+    check_data_format(config, task_name)  # e.g. ROUGE on text data, or messages for a seq2seq model
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, task=task_name))
     for choice in config.search.target_modules:
         architecture.resolve_targets(choice)
@@ -69,9 +74,19 @@ def prepare(config: Config, *, resume: bool = False) -> Prepared:
         Registry(config.registry_dir).check_base(model_path)
     except RegistryError as e:
         raise ConfigError(str(e)) from None
+    predicted = None
+    if config.search.gpus_per_trial == search.AUTO:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+        try:
+            predicted = search.predicted_peaks(config, model_config)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--gpus-per-trial auto packs trials by their predicted memory, and there is no memory "
+                              f"estimate for this model ({e}); give a number of GPUs per trial instead") from None
     tokenizer = load_tokenizer(model_path, config.model)
     data = task.tokenize(raw, tokenizer, config.data)
-    return Prepared(config, model_path, architecture, data, name)
+    return Prepared(config, model_path, architecture, data, name, predicted)
 
 
 def sweep_dir(config: Config, name: str) -> Path:
@@ -95,10 +110,18 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         print(f"Ray dashboard: http://{context.dashboard_url}  (trials appear under Jobs and Actors)")
     cluster = capacity()  # what the cluster holds or its autoscaler can add
     resources = search.trial_resources(s, cluster)
+    packed = _packed_resources(prepared, resources) if s.gpus_per_trial == search.AUTO and resources["gpu"] else None
+    per_trial: dict | search.PackedResources = resources
+    if packed:  # each trial asks for the GPU share its configuration needs; as many at once as the smallest fit
+        per_trial = packed
+        shares = packed.shares(s)
+        resources = {"cpu": resources["cpu"], "gpu": min(shares.values())}
+        shown = {"cpu": resources["cpu"], "gpu": f"{min(shares.values()):g}-{max(shares.values()):g} (auto)"}
     concurrency = search.max_concurrency(s, resources, cluster)
     shape = f"{cluster['CPU']:g} CPUs, {cluster['GPU']:g} GPUs"
-    print(f"Sweep {prepared.name}: {s.num_samples} trials, {resources} each, up to {concurrency} at once "
-          f"(cluster {'can scale to' if cluster['can_scale'] else 'has'} {shape}); optimizing {s.metric} ({s.mode})")
+    print(f"Sweep {prepared.name}: {s.num_samples} trials, {shown if packed else resources} each, up to "
+          f"{concurrency} at once (cluster {'can scale to' if cluster['can_scale'] else 'has'} {shape}); "
+          f"optimizing {s.metric} ({s.mode})")
 
     record_dir = sweep_dir(config, prepared.name)
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -110,13 +133,14 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
     base_task = None
     if not base_file.is_file():
         # Runs beside the first trials; on a GPU cluster it takes a GPU like a trial.
-        base_task = ray.remote(evaluate_base).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"]).remote(
+        base_gpus = packed.share(search.BASE_EVAL) if packed else resources["gpu"]
+        base_task = ray.remote(evaluate_base).options(num_cpus=resources["cpu"], num_gpus=base_gpus).remote(
             config=config, data=data_ref, model_path=prepared.model_path
         )
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, config=config, data=prepared.data, model_path=prepared.model_path),
-        resources,
+        per_trial,
     )
     experiment = storage.experiment_path(config, prepared.name)
     if tune.Tuner.can_restore(experiment):
@@ -158,7 +182,7 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
     if base_file.is_file():
         base_metrics = json.loads(base_file.read_text())
 
-    rows = _collect(results, config)
+    rows = _collect(results, config, packed.share if packed else (lambda hparams: resources["gpu"]))
     # Best first; a NaN or missing metric ranks last (NaN compares false both ways and would sort anywhere),
     # and a diverged trial after every healthy one, whatever it scored before its loss went NaN.
     ranked = sorted((r for r in rows if r["best"]),
@@ -189,6 +213,7 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         "completed": sum(r["status"] == "completed" for r in rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
         "errored": sum(r["status"] == "error" for r in rows),
+        "skipped": sum(bool(r["error"]) and r["error"].startswith(DOES_NOT_FIT) for r in rows),  # among the errored
         "diverged": sum(r["status"] == "diverged" for r in rows),
         "base_metrics": base_metrics,
         "leaderboard": [{k: v for k, v in r.items() if k != "checkpoint"} for r in ranked],
@@ -207,7 +232,31 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
     return summary
 
 
-def _collect(results, config: Config) -> list[dict]:
+def _packed_resources(prepared: Prepared, resources: dict) -> search.PackedResources:
+    """gpus_per_trial "auto" on a cluster with GPUs: the workers' GPU memory (the setting, else measured or
+    known from the cluster), then each trial's share of it. Exits with a one-line error (code 2) when the
+    GPU memory cannot be known."""
+    s = prepared.config.search
+    if s.gpu_memory_gb:
+        gpu_gb, how = float(s.gpu_memory_gb), "--gpu-memory-gb"
+    else:
+        gpu_gb, how = gpu_memory_gb()
+    if gpu_gb is None:
+        ray.shutdown()
+        print(f"error: --gpus-per-trial auto needs the memory of the workers' GPUs, and {how}: give it with "
+              "--gpu-memory-gb (e.g. 24 for an A10G), or a number of GPUs per trial", file=sys.stderr)
+        raise SystemExit(2)
+    packed = search.PackedResources(resources["cpu"], gpu_gb, prepared.predicted,
+                                    prepared.config.train.memory_limit_gb)
+    shares = packed.shares(s)
+    print(f"GPU shares by predicted peak memory on a {gpu_gb:g} GB GPU ({how}; with "
+          f"{search.SHARE_HEADROOM:.0%} headroom, in steps of 1/{search.SHARE_STEPS}): "
+          + "; ".join(f"r {r} {targets} {prepared.predicted[(r, targets)]:.2f} GB -> {share:g}"
+                      for (r, targets), share in shares.items()))
+    return packed
+
+
+def _collect(results, config: Config, gpus_of=lambda hparams: None) -> list[dict]:
     s = config.search
     rows = []
     for result in results:
@@ -231,6 +280,7 @@ def _collect(results, config: Config) -> list[dict]:
             "status": status,
             "evals": evals,
             "micro_batch_size": metrics.get("micro_batch_size"),
+            "gpus": gpus_of(result.config),  # the trial's GPU share (what its resources asked Ray for)
             "oom_retries": metrics.get("oom_retries", 0),
             "best": finite_metrics({k: best[k] for k in (*METRICS, "step") if k in best}) if best else None,
             "checkpoint": checkpoint,
@@ -279,6 +329,7 @@ def _metrics_columns(metrics: dict) -> str:
 
 def leaderboard(summary: dict, config: Config, index: dict) -> str:
     published = set(summary["published"])
+    packed = config.search.gpus_per_trial == search.AUTO  # each trial's GPU share follows its configuration
     header = f"{'#':>2}  {'trial':<10} {'r':>3} {'alpha':>5} {'lr':>9} {'targets':<11} {'evals':>5} " \
              f"{'status':<13} {'rougeL':>7} {'rouge1':>7} {'rouge2':>7} {'loss':>7}"
     lines = ["", f"Leaderboard ({config.search.metric}, {config.search.mode}) — {summary['sweep']}", header,
@@ -291,20 +342,24 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
             f"{hp['target_modules']:<11} {row['evals']:>5} {row['status']:<13} {_metrics_columns(m)}"
             + (f"  (out of memory {row['oom_retries']}x: micro-batch {row['micro_batch_size']})"
                if row.get("oom_retries") else "")
+            + (f"  (GPU share {row['gpus']:g})" if packed and row.get("gpus") else "")
         )
     for row in summary["failed"]:
-        lines.append(f"   {row['trial_id']:<10} failed before its first evaluation: {row['error']}")
+        error, hp = row["error"] or "", row["hyperparameters"]
+        if error.startswith(DOES_NOT_FIT):  # the memory plan: too big for its GPU (share) even at micro-batch 1
+            lines.append(f"   {row['trial_id']:<10} {hp['r']:>3} {hp['lora_alpha']:>5} {hp['learning_rate']:>9.2e} "
+                         f"{hp['target_modules']:<11} {'':>5} {'skipped':<13} does not fit: "
+                         f"{error.removeprefix(DOES_NOT_FIT)}")
+        else:
+            lines.append(f"   {row['trial_id']:<10} failed before its first evaluation: {error}")
     lines.append(f"{'':>3} {'base model':<52} {'':<13} {_metrics_columns(summary['base_metrics'])}"
                  + ("" if summary["base_metrics"] else "  (its evaluation failed)"))
     lines.append(
         f"\n{summary['trials']} trials in {summary['wall_s']:.0f} s: {summary['completed']} completed, "
-        f"{summary['stopped_early']} stopped early by ASHA, {summary['errored']} errored, "
-        f"{summary['diverged']} diverged (NaN loss)."
+        f"{summary['stopped_early']} stopped early by ASHA, {summary['errored']} errored"
+        + (f" ({summary['skipped']} skipped: predicted not to fit)" if summary.get("skipped") else "")
+        + f", {summary['diverged']} diverged (NaN loss)."
     )
     lines.append(f"* published to the registry: {summary['registry']} (default: {index.get('default')})")
-    if config.model.task == "causal":
-        lines.append("(Serving causal bases is not built yet: these adapters are PEFT LoRA adapters for "
-                     f"{config.model.name}, loadable with peft.)")
-    else:
-        lines.append("Serve them with: serve run serve.app   (QLORA_RAY_REGISTRY=" + summary["registry"] + ")")
+    lines.append("Serve them with: serve run serve.app   (QLORA_RAY_REGISTRY=" + summary["registry"] + ")")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import datasets
+import ray
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from ray import tune
@@ -27,12 +28,14 @@ from qlora_ray.config import METRICS, Config
 from qlora_ray.data import TokenizedData
 from qlora_ray.metrics import ROUGE_TYPES
 from qlora_ray.model import (
+    compile_blocks,
     compute_dtype,
     discover_architecture,
     load_base_model,
     load_tokenizer,
     lora_config,
     prepare_for_training,
+    should_compile,
     trainable_to_fp32,
 )
 
@@ -113,13 +116,23 @@ class DoesNotFit(RuntimeError):
 
 
 def memory_limit_gb(config: Config) -> float | None:
-    """What a trial may plan for: the set limit, else its share of the GPU; None on CPU without a limit."""
+    """What a trial may plan for: the set limit, else its share of the GPU (the share Ray gave it, which
+    --gpus-per-trial auto sizes by its prediction) times the GPU's memory (CUDA's figure; where there is
+    no CUDA but Ray gave it a GPU, e.g. a GPU declared for tests, search.gpu_memory_gb). None without."""
     if config.train.memory_limit_gb:
         return config.train.memory_limit_gb
-    if not torch.cuda.is_available():
+    given = ray.get_runtime_context().get_assigned_resources().get("GPU") if ray.is_initialized() else None
+    number = config.search.gpus_per_trial if isinstance(config.search.gpus_per_trial, (int, float)) else None
+    share = min(1.0, given or number or 1.0)
+    if torch.cuda.is_available():
+        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    elif given and config.search.gpu_memory_gb:
+        gpu_gb = float(config.search.gpu_memory_gb)
+    else:
         return None
-    share = min(1.0, config.search.gpus_per_trial or 1.0)
-    return torch.cuda.get_device_properties(0).total_memory / 1e9 * share
+    if given:
+        print(f"GPU share {share:g} of a {gpu_gb:.1f} GB GPU: planning within {share * gpu_gb:.2f} GB", flush=True)
+    return gpu_gb * share
 
 
 def plan_to_fit(model_path: str, config: Config, hparams: dict) -> BatchPlan:
@@ -179,6 +192,9 @@ def build_model(model_path: str, config: Config, hparams: dict):
     lora = lora_config(int(hparams["r"]), int(hparams["lora_alpha"]), targets, config.lora, task.PEFT_TASK_TYPE)
     model = get_peft_model(base, lora)
     trainable_to_fp32(model)
+    if should_compile(config.train.compile, causal=task.PEFT_TASK_TYPE == "CAUSAL_LM",
+                      gradient_checkpointing=config.train.gradient_checkpointing):
+        compile_blocks(model)  # compiled on the first training step; evaluation runs eagerly
     return model
 
 

@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve import metrics
 
 from qlora_ray.adapter_check import AdapterInvalid, BaseSpec, check_adapter
-from qlora_ray.config import ModelSettings
+from qlora_ray.config import ConfigError, ModelSettings
 from qlora_ray.model import load_base_model, load_tokenizer
 from qlora_ray.registry import INDEX, Registry, RegistryError, entry_load, entry_task
 from qlora_ray.serving.adapter_store import AdapterRejected, AdapterStore
@@ -235,7 +235,11 @@ class AdapterModel:
         max_source = min(int(task.get("max_source_length") or self.engine.runner.max_source),
                          self.engine.runner.max_source)
         if request.messages is not None:
-            made = self._chat_ids(request.messages, self.engine.runner.max_source)
+            chat_task = task
+            if request.adapter is None and getattr(self.tokenizer, "chat_template", None):
+                # the base itself was not trained on the sweep's prompts: chat through its own template
+                chat_task = {"format": "messages", "chat_template": None}
+            made = self._chat_ids(chat_task, request.messages, max_source)
             if isinstance(made, ReplicaError):
                 return made
             prompts = [made]
@@ -243,8 +247,7 @@ class AdapterModel:
             prompts = []
             for p, prompt in enumerate(request.prompts):
                 try:
-                    ids = self.tokenizer(self._prompt_text(task, prompt), truncation=True,
-                                         max_length=max_source)["input_ids"]
+                    ids = self._prompt_ids(task, prompt, max_source)
                 except Exception as e:  # e.g. text the tokenizer cannot encode: this request fails, no other
                     return error("invalid_request", f"prompt {p} cannot be tokenized: {type(e).__name__}")
                 prompts.append(ids)
@@ -262,25 +265,29 @@ class AdapterModel:
                                 ignore_eos=request.ignore_eos))
         return rows
 
-    def _prompt_text(self, task: dict, prompt: str) -> str:
-        """The prompt as the adapter saw its training prompts: the task's prefix or prompt template."""
+    def _prompt_ids(self, task: dict, prompt: str, max_source: int) -> list[int]:
+        """The prompt's tokens as the adapter saw its training prompts (the task's prefix, prompt template
+        or chat template), the end cut at max_source as training cut it."""
         if self.causal:
-            return causal_task.prompt_text(task, prompt)
-        return task.get("prefix", "") + prompt
+            return causal_task.prompt_ids(task, self.tokenizer, prompt)[:max_source]
+        return self.tokenizer(task.get("prefix", "") + prompt, truncation=True, max_length=max_source)["input_ids"]
 
-    def _chat_ids(self, messages: list[dict], max_source: int) -> list[int] | ReplicaError:
-        """A conversation through the tokenizer's chat template, ending in the assistant's turn."""
-        if not self.causal or not getattr(self.tokenizer, "chat_template", None):
-            kind = "a chat template" if self.causal else "a chat template (it is a sequence-to-sequence model)"
-            return error("unsupported", f"{self.base_model_id} has no {kind}: use /v1/completions")
+    def _chat_ids(self, task: dict, messages: list[dict], max_source: int) -> list[int] | ReplicaError:
+        """A conversation formatted as the adapter's training data was: through the chat template (the
+        task's, else the tokenizer's) up to the assistant's turn for chat-trained adapters; a single user
+        message through the prompt template for adapters trained on prompts."""
+        if not self.causal:
+            return error("unsupported", f"{self.base_model_id} is a sequence-to-sequence model and has no chat "
+                                        "format: use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        except Exception as e:  # a template that rejects these roles or this order raises its own error
+            ids = causal_task.chat_prompt_ids(task, self.tokenizer, messages)
+        except ConfigError as e:  # no chat template anywhere: this server cannot chat with this adapter
+            return error("unsupported", f"{e}; use /v1/completions")
+        except Exception as e:  # wrong turn shape, or a template that rejects these roles or this order
             reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            return error("invalid_request", f"the messages do not fit the model's chat template: {reason}")
+            return error("invalid_request", f"the messages cannot be formatted for this adapter: {reason}")
         if len(ids) > max_source:
-            return error("invalid_request", f"the conversation is {len(ids)} tokens long; this model takes at "
+            return error("invalid_request", f"the conversation is {len(ids)} tokens long; this adapter takes at "
                                             f"most {max_source}")
         return ids
 
