@@ -204,7 +204,7 @@ class ModelClient:
         code = "model_not_found" if err.code == "adapter_not_found" else str(err.code)
         if status == 503:
             return overloaded(message, None, code=code)
-        return ApiError(status, message, code=code)
+        return ApiError(status, message, code=code, param="messages" if err.code == "invalid_messages" else None)
 
 
 async def _awaited(response) -> Any:

@@ -65,6 +65,7 @@ CODES = {
     "adapter_rejected": 422,  # registered, but failed validation: the message names why
     "invalid_request": 422,
     "unsupported": 400,  # e.g. a chat for a model without a chat template
+    "invalid_messages": 400,  # a chat the adapter's format cannot take (e.g. a conversation for a prompt adapter)
     "queue_full": 503,  # the replica's bounded queue is full: retry later
     "timeout": 504,
     "generation_failed": 500,

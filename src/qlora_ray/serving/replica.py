@@ -285,9 +285,9 @@ class AdapterModel:
             return error("unsupported", f"{e}; use /v1/completions")
         except Exception as e:  # wrong turn shape, or a template that rejects these roles or this order
             reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            return error("invalid_request", f"the messages cannot be formatted for this adapter: {reason}")
+            return error("invalid_messages", f"the messages cannot be formatted for this adapter: {reason}")
         if len(ids) > max_source:
-            return error("invalid_request", f"the conversation is {len(ids)} tokens long; this adapter takes at "
+            return error("invalid_messages", f"the conversation is {len(ids)} tokens long; this adapter takes at "
                                             f"most {max_source}")
         return ids
 
