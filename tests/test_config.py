@@ -30,8 +30,26 @@ def test_param_space_pins_single_values():
     assert all(hasattr(v, "sample") for v in searched.values())
 
 
+def test_the_grid_walks_every_listed_value():
+    from qlora_ray import search
+
+    config = load_config(overrides={"search": {"algorithm": "grid", "r": [4, 16], "lora_alpha": [16],
+                                                "learning_rate": [1e-3, 2e-3, 4e-3], "num_samples": 2,
+                                                "target_modules": ["qv", "attention"]}})
+    space = param_space(config.search)
+    assert space["r"] == {"grid_search": [4, 16]} and space["lora_alpha"] == 16
+    assert space["learning_rate"] == {"grid_search": [1e-3, 2e-3, 4e-3]}  # values, not a range
+    assert search.total_trials(config.search) == 2 * 2 * 3 * 2
+    assert search.searcher(config) is None  # Tune's variant generator walks the grid, not Optuna
+    none = load_config(overrides={"search": {"early_stopping": "none"}})
+    assert search.scheduler(none, "unused") is None  # FIFO: every trial to the end
+
+
 @pytest.mark.parametrize("bad", [{"search": {"mode": "up"}}, {"train": {"eval_every": 0}},
-                                 {"search": {"learning_rate": [1e-3, 1e-4]}}, {"nonsense": {}}])
+                                 {"search": {"learning_rate": [1e-3, 1e-4]}}, {"nonsense": {}},
+                                 {"search": {"learning_rate": [1e-4, 1e-3, 1e-2]}},  # three values: grid only
+                                 {"search": {"algorithm": "random"}}, {"search": {"early_stopping": "median"}},
+                                 {"train": {"compile": "everything"}}])
 def test_invalid_values(bad):
     with pytest.raises(ConfigError):
         load_config(overrides=bad)
@@ -53,3 +71,16 @@ def test_flags_are_derived_from_the_settings_and_land_in_the_config():
     assert config.train.gradient_checkpointing == "full" and config.data.train_size == 100
     assert config.search.lora_alpha == load_config().search.lora_alpha  # not given: the preset's value stays
     assert "(default 4,8,16,32)" in cli.parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_compiled_blocks_by_default_only_for_causal_models_on_a_gpu():
+    import torch
+
+    from qlora_ray.model import should_compile
+
+    gpu = torch.cuda.is_available()
+    assert should_compile("auto", causal=True, gradient_checkpointing="full") is gpu
+    assert not should_compile("auto", causal=False, gradient_checkpointing="none")  # T5 stays eager
+    assert not should_compile("auto", causal=True, gradient_checkpointing="feed-forward")  # inductor fails there
+    assert should_compile("blocks", causal=False, gradient_checkpointing="none")
+    assert not should_compile("none", causal=True, gradient_checkpointing="full")

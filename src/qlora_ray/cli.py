@@ -21,8 +21,8 @@ def _csv(kind):
 
 
 def _lr(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(":")]
+    try:  # low:high (or, for the grid, values: 1e-4,3e-4,1e-3)
+        return [float(v) for v in text.replace(",", ":").split(":")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a rate like 2e-5 or a range like 1e-4:3e-3, got {text!r}") from None
 

@@ -146,6 +146,11 @@ class SearchSettings:
                                          help="a rate (2e-5) or a log-uniform range (1e-4:3e-3)")
     target_modules: list[str] = setting(factory=lambda: ["qv", "attention", "all-linear"],
                                         help="named sets (qv, attention, all-linear) or modules joined by '+' (v+o)")
+    algorithm: str = setting("optuna", "optuna: TPE sampling (num_samples trials); grid: every combination of the "
+                             "listed values (--learning-rate values, not a range), num_samples times each",
+                             flag="--search-algorithm", choices=("optuna", "grid"))
+    early_stopping: str = setting("asha", "asha: stop weak trials at each evaluation rung; none: run every trial "
+                                  "to the end", choices=("asha", "none"))
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
     max_concurrent_trials: int | None = setting(None, "trials at once (default: as many as the cluster holds or "
@@ -274,9 +279,14 @@ def validate(config: Config) -> None:
         raise ConfigError(f"LoRA r must be positive integers, got {s.r}")
     if not s.lora_alpha or min(s.lora_alpha) <= 0:
         raise ConfigError(f"lora_alpha must be positive integers, got {s.lora_alpha}")
-    if len(s.learning_rate) not in (1, 2) or min(s.learning_rate) <= 0:
-        raise ConfigError(f"learning_rate must be one positive value or a [low, high] range, got {s.learning_rate}")
-    if len(s.learning_rate) == 2 and s.learning_rate[0] > s.learning_rate[1]:
+    if not s.learning_rate or min(s.learning_rate) <= 0:
+        raise ConfigError(f"learning_rate must be positive, got {s.learning_rate}")
+    if s.algorithm == "grid":
+        pass  # any number of values: each is a grid point
+    elif len(s.learning_rate) not in (1, 2):
+        raise ConfigError(f"learning_rate must be one value or a [low, high] range (a list of values is for "
+                          f"--search-algorithm grid), got {s.learning_rate}")
+    elif len(s.learning_rate) == 2 and s.learning_rate[0] > s.learning_rate[1]:
         raise ConfigError(f"learning_rate range low > high: {s.learning_rate}")
     if not s.target_modules:
         raise ConfigError("target_modules needs at least one choice")
@@ -314,6 +324,10 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {t.gradient_checkpointing!r}"
         )
+    if s.algorithm not in ("optuna", "grid"):
+        raise ConfigError(f"search algorithm must be optuna or grid, got {s.algorithm!r}")
+    if s.early_stopping not in ("asha", "none"):
+        raise ConfigError(f"early_stopping must be asha or none, got {s.early_stopping!r}")
     if isinstance(t.compile, bool):  # YAML true/false
         t.compile = "blocks" if t.compile else "none"
     if t.compile not in COMPILE:

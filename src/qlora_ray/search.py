@@ -22,7 +22,15 @@ METRIC_COLUMNS = {"rougeL": "rougeL", "rouge1": "rouge1", "eval_loss": "eval_los
 
 
 def param_space(s: SearchSettings) -> dict:
-    """Lists become choices, a [low, high] learning rate a log-uniform range, singletons constants."""
+    """Lists become choices, a [low, high] learning rate a log-uniform range, singletons constants; for the
+    grid, every list (the learning rates too) a grid axis."""
+    if s.algorithm == "grid":
+        def axis(values: list):
+            values = list(dict.fromkeys(values))
+            return tune.grid_search(values) if len(values) > 1 else values[0]
+
+        return {"r": axis(s.r), "lora_alpha": axis(s.lora_alpha), "learning_rate": axis(s.learning_rate),
+                "target_modules": axis(s.target_modules)}
 
     def choice(values: list):
         return tune.choice(values) if len(set(values)) > 1 else values[0]
@@ -110,7 +118,7 @@ def max_concurrency(s: SearchSettings, resources: dict[str, float], cluster: dic
     an explicit max_concurrent_trials wins."""
     if s.max_concurrent_trials:
         return s.max_concurrent_trials
-    fits = [s.num_samples]  # also bounds a node type without a limit (inf)
+    fits = [total_trials(s)]  # also bounds a node type without a limit (inf)
     if resources["cpu"]:
         fits.append(cluster.get("CPU", 1) / resources["cpu"])
     if resources["gpu"]:
@@ -120,14 +128,22 @@ def max_concurrency(s: SearchSettings, resources: dict[str, float], cluster: dic
 
 def searched(s: SearchSettings) -> list[str]:
     """The parameters with more than one possible value."""
-    return [name for name, value in param_space(s).items() if isinstance(value, Domain)]
+    return [name for name, value in param_space(s).items()
+            if isinstance(value, Domain) or isinstance(value, dict) and "grid_search" in value]
+
+
+def total_trials(s: SearchSettings) -> int:
+    """num_samples, or for the grid num_samples runs of each of its configurations."""
+    if s.algorithm != "grid":
+        return s.num_samples
+    return s.num_samples * math.prod(len(v["grid_search"]) for v in param_space(s).values() if isinstance(v, dict))
 
 
 def searcher(config: Config) -> OptunaSearch | None:
     """Optuna TPE over the searched parameters; None when every parameter is pinned (Tune then
     runs num_samples repeats of the one configuration: Optuna has nothing to sample)."""
     s = config.search
-    if not searched(s):
+    if s.algorithm == "grid" or not searched(s):  # Tune's own variant generator walks the grid
         return None
     if not notices.verbose():
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" INFO line
@@ -188,7 +204,10 @@ class ResumableASHA(ASHAScheduler):
         return {milestone: dict(recorded) for bracket in self._brackets for milestone, recorded in bracket._rungs}
 
 
-def scheduler(config: Config, state_file: str) -> ResumableASHA:
+def scheduler(config: Config, state_file: str) -> ResumableASHA | None:
+    """ASHA, or None (Tune's FIFO: every trial to the end) for early_stopping none."""
+    if config.search.early_stopping == "none":
+        return None
     # One Tune iteration is one evaluation, so rungs are counted in evaluations.
     return ResumableASHA(
         state_file,

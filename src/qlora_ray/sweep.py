@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -119,8 +120,10 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         shown = {"cpu": resources["cpu"], "gpu": f"{min(shares.values()):g}-{max(shares.values()):g} (auto)"}
     concurrency = search.max_concurrency(s, resources, cluster)
     shape = f"{cluster['CPU']:g} CPUs, {cluster['GPU']:g} GPUs"
-    print(f"Sweep {prepared.name}: {s.num_samples} trials, {shown if packed else resources} each, up to "
-          f"{concurrency} at once (cluster {'can scale to' if cluster['can_scale'] else 'has'} {shape}); "
+    how = "a grid" if s.algorithm == "grid" else "Optuna TPE"
+    stop = ", ASHA stopping weak trials" if s.early_stopping == "asha" else ", every trial to the end"
+    print(f"Sweep {prepared.name}: {search.total_trials(s)} trials ({how}{stop}), {shown if packed else resources} "
+          f"each, up to {concurrency} at once (cluster {'can scale to' if cluster['can_scale'] else 'has'} {shape}); "
           f"optimizing {s.metric} ({s.mode})")
 
     record_dir = sweep_dir(config, prepared.name)
@@ -157,6 +160,9 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
                 max_concurrent_trials=concurrency,
                 scheduler=search.scheduler(config, str(record_dir / ASHA_STATE)),
                 num_samples=s.num_samples,
+                # Warm trials: a finished or stopped trial's process (imports, CUDA context, the parked 4-bit
+                # base: trial.park_base) runs the next trial that asks for the same resources.
+                reuse_actors=True,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
@@ -215,6 +221,7 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
         "errored": sum(r["status"] == "error" for r in rows),
         "skipped": sum(bool(r["error"]) and r["error"].startswith(DOES_NOT_FIT) for r in rows),  # among the errored
         "diverged": sum(r["status"] == "diverged" for r in rows),
+        "trial_seconds": round(sum(r["trial_s"] for r in rows), 1),
         "base_metrics": base_metrics,
         "leaderboard": [{k: v for k, v in r.items() if k != "checkpoint"} for r in ranked],
         "failed": [{k: r[k] for k in ("trial_id", "hyperparameters", "error")} for r in rows if not r["best"]],
@@ -283,10 +290,27 @@ def _collect(results, config: Config, gpus_of=lambda hparams: None) -> list[dict
             "gpus": gpus_of(result.config),  # the trial's GPU share (what its resources asked Ray for)
             "oom_retries": metrics.get("oom_retries", 0),
             "best": finite_metrics({k: best[k] for k in (*METRICS, "step") if k in best}) if best else None,
+            "best_of": _best_of(result),
+            "trial_s": round(float(metrics.get("time_total_s") or 0.0), 1),  # the trial's own run time
             "checkpoint": checkpoint,
             "error": _error_reason(result.error) if result.error else None,
         })
     return rows
+
+
+def _best_of(result) -> dict[str, float]:
+    """Each metric's best value over all of the trial's evaluations (its checkpoint is chosen by the sweep's
+    metric alone): what the trial reached for every objective, e.g. for bench/search_efficiency.py."""
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return {}
+    out = {}
+    for metric, mode in METRICS.items():
+        if metric in frame:
+            values = [float(v) for v in frame[metric] if v is not None and math.isfinite(float(v))]
+            if values:
+                out[metric] = max(values) if mode == "max" else min(values)
+    return out
 
 
 def _error_reason(error: BaseException) -> str:
@@ -355,7 +379,8 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
     lines.append(f"{'':>3} {'base model':<52} {'':<13} {_metrics_columns(summary['base_metrics'])}"
                  + ("" if summary["base_metrics"] else "  (its evaluation failed)"))
     lines.append(
-        f"\n{summary['trials']} trials in {summary['wall_s']:.0f} s: {summary['completed']} completed, "
+        f"\n{summary['trials']} trials in {summary['wall_s']:.0f} s "
+        f"({summary.get('trial_seconds', 0):.0f} trial-seconds): {summary['completed']} completed, "
         f"{summary['stopped_early']} stopped early by ASHA, {summary['errored']} errored"
         + (f" ({summary['skipped']} skipped: predicted not to fit)" if summary.get("skipped") else "")
         + f", {summary['diverged']} diverged (NaN loss)."

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import datasets
 import ray
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from ray import tune
 from transformers import AutoConfig, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as transformers_logging
@@ -60,11 +63,26 @@ class BatchPlan:
 
 def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path: str) -> None:
     """Tune trainable. hparams: r, lora_alpha, learning_rate, target_modules (a set name)."""
+    started = time.perf_counter()
     _limit_threads(config)
     set_seed(config.train.seed)
     plan = plan_to_fit(model_path, config, hparams)
     tokenizer = load_tokenizer(model_path, config.model)
-    model = build_model(model_path, config, hparams)
+    model = build_model(model_path, config, hparams, warm=True)
+    try:
+        _train(model, tokenizer, hparams, plan, config, data, started)
+    finally:  # also when ASHA stops the trial (its thread exits inside tune.report) or it fails
+        try:
+            park_base(model, model_path, config)
+        except Exception as e:  # a base that cannot be cleaned is not reused
+            print(f"(not keeping the base for the next trial: {type(e).__name__}: {e})", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _train(model, tokenizer, hparams: dict, plan: BatchPlan, config: Config, data: TokenizedData,
+           started: float) -> None:
     fresh_adapter = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
     with tempfile.TemporaryDirectory() as work_dir:
@@ -76,7 +94,7 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
             plan = BatchPlan(**saved_plan) if saved_plan else plan  # (checkpoints from before OOM retries)
         while True:
             trainer = build_trainer(model, tokenizer, data, config, work_dir, hparams["learning_rate"], plan)
-            reporter = _ReportToTune(hparams, plan)
+            reporter = _ReportToTune(hparams, plan, setup_s=time.perf_counter() - started)
             trainer.add_callback(reporter)
             if injector := faults.trainer_callback(plan.micro_batch_size):
                 trainer.add_callback(injector)
@@ -183,19 +201,76 @@ def evaluate_base(*, config: Config, data: TokenizedData, model_path: str) -> di
     return _tune_metrics(metrics) | {"footprint_bytes": int(model.get_base_model().get_memory_footprint())}
 
 
-def build_model(model_path: str, config: Config, hparams: dict):
-    """The 4-bit base with a fresh LoRA adapter, ready to train."""
-    base = load_base_model(model_path, config.model)
+def build_model(model_path: str, config: Config, hparams: dict, *, warm: bool = False):
+    """The 4-bit base with a fresh LoRA adapter, ready to train. warm: the base this process's previous
+    trial parked (park_base), when it was loaded and prepared the same way, instead of a fresh load."""
+    base = _take_warm_base(model_path, config) if warm else None
+    if base is None:
+        base = prepare_for_training(load_base_model(model_path, config.model), config.model,
+                                    config.train.gradient_checkpointing)
     targets = discover_architecture(base).resolve_targets(hparams["target_modules"])
-    base = prepare_for_training(base, config.model, config.train.gradient_checkpointing)
     task = tasks.resolve(config.model.task, base.config)
     lora = lora_config(int(hparams["r"]), int(hparams["lora_alpha"]), targets, config.lora, task.PEFT_TASK_TYPE)
+    set_seed(config.train.seed)  # the adapter's initial weights, whether the base was loaded now or kept warm
     model = get_peft_model(base, lora)
     trainable_to_fp32(model)
     if should_compile(config.train.compile, causal=task.PEFT_TASK_TYPE == "CAUSAL_LM",
                       gradient_checkpointing=config.train.gradient_checkpointing):
         compile_blocks(model)  # compiled on the first training step; evaluation runs eagerly
     return model
+
+
+# ---- warm trials ----------------------------------------------------------------------------------
+# Tune reuses a trial's actor process for the next trial (TuneConfig(reuse_actors=True)), so imports are
+# paid once per worker. The prepared 4-bit base is kept too: a trial parks it at its end with its adapter
+# stripped (PEFT's unload: the LoRA layers give back their base layers, unmerged), and the next trial
+# whose base would be loaded and prepared the same way takes it. Only LoRA layers, the trainer and the
+# optimizer are per trial; tests/test_warm_trials.py checks that a trial's losses do not depend on
+# what ran before it in the process.
+_warm: tuple[tuple, torch.nn.Module] | None = None
+WARM_BASE_NOTE = "Warm worker: the 4-bit base of this process's previous trial, its adapter stripped"
+
+
+def _warm_key(model_path: str, config: Config) -> tuple:
+    return model_path, json.dumps(asdict(config.model), sort_keys=True), config.train.gradient_checkpointing
+
+
+def _take_warm_base(model_path: str, config: Config) -> torch.nn.Module | None:
+    global _warm
+    parked, _warm = _warm, None  # taken, so a trial that fails before parking it leaves nothing half-used
+    if parked is not None and parked[0] == _warm_key(model_path, config):
+        print(f"{WARM_BASE_NOTE} (pid {os.getpid()})", flush=True)
+        return parked[1]
+    del parked
+    gc.collect()
+    torch.cuda.empty_cache()
+    return None
+
+
+def park_base(model, model_path: str, config: Config) -> None:
+    """The trial's end: strip its adapter and keep the base for this process's next trial."""
+    global _warm
+    base = model.get_base_model()
+    _strip_adapter(base)
+    for name in ("peft_config", "_hf_peft_config_loaded"):
+        if name in vars(base):
+            delattr(base, name)
+    base.zero_grad(set_to_none=True)
+    _warm = (_warm_key(model_path, config), base)
+
+
+def _strip_adapter(module: torch.nn.Module) -> None:
+    """Every LoRA layer back to its base layer, every modules_to_save wrapper back to its original module.
+    (PEFT's unload() keeps the *trained* copy of a modules_to_save module, e.g. T5's lm_head: the next
+    trial would start from this one's head.)"""
+    for name, child in list(module.named_children()):
+        if isinstance(child, AuxiliaryTrainingWrapper):
+            child = child.original_module
+            setattr(module, name, child)
+        elif isinstance(child, BaseTunerLayer):
+            child = child.get_base_layer()
+            setattr(module, name, child)
+        _strip_adapter(child)
 
 
 def build_trainer(model, tokenizer, data: TokenizedData, config: Config, work_dir: str, learning_rate: float,
@@ -272,15 +347,17 @@ class _ReportToTune(TrainerCallback):
     A non-finite training loss stops the trial before it evaluates or saves again.
     """
 
-    def __init__(self, hparams: dict, plan: BatchPlan):
-        self.hparams, self.plan = hparams, plan
+    def __init__(self, hparams: dict, plan: BatchPlan, setup_s: float | None = None):
+        self.hparams, self.plan, self.setup_s = hparams, plan, setup_s
         self.train_loss: float | None = None
         self.pending: dict | None = None  # this step's evaluation, reported with its checkpoint
         self.last_checkpoint: str | None = None
         self.diverged_at: int | None = None
 
     def batch_metrics(self) -> dict:
-        return {"micro_batch_size": self.plan.micro_batch_size, "oom_retries": self.plan.oom_retries}
+        # setup_s: the trial's fixed cost, from its start to its Trainer (a warm worker skips the base's load)
+        return {"micro_batch_size": self.plan.micro_batch_size, "oom_retries": self.plan.oom_retries,
+                "setup_s": round(self.setup_s, 2) if self.setup_s is not None else None}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
