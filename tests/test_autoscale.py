@@ -250,9 +250,10 @@ def test_sweep_on_a_cluster_that_scales_gpu_workers_from_zero(autoscaling_cluste
     head = [n["NodeID"] for n in nodes if "node:__internal_head__" in n["Resources"]]
     gpu_nodes = {n["NodeID"] for n in nodes if n["Resources"].get("GPU") == 1} - set(head)
     assert len(head) == 1 and len(gpu_nodes) == 2, nodes
-    # Every trial ran on a GPU worker, never the head (the GCS's actor table: Tune's trial actors).
+    # Every trial ran on a GPU worker, never the head (the GCS's actor table: Tune's trial actors; a
+    # finished trial's actor may run the next trial: warm trials).
     trials = [a for a in ray._private.state.actors().values() if a["ActorClassName"] == "ImplicitFunc"]
-    assert len(trials) == 3 and {a["Address"]["NodeID"] for a in trials} <= gpu_nodes, (trials, gpu_nodes)
+    assert 1 <= len(trials) <= 3 and {a["Address"]["NodeID"] for a in trials} <= gpu_nodes, (trials, gpu_nodes)
     # Trials held both GPU workers at once: their placement groups ({CPU: 1, GPU: 1}, a trial's
     # resources from its start to its end) were created on the two nodes at the same time.
     assert all(set(s.values()) <= gpu_nodes for s in watcher.snapshots), watcher.snapshots
