@@ -627,6 +627,7 @@ def test_paths_are_cut_to_their_last_component():
     assert guards.hide_paths("google/flan-t5-base") == "google/flan-t5-base"  # a hub id, not a path
     assert guards.hide_paths("no adapter_model.safetensors in /srv/reg/x-1") == "no adapter_model.safetensors in x-1"
     assert guards.hide_paths("see https://example.com/a/b") == "see https://example.com/a/b"
+    assert guards.hide_paths("no chat format: use /v1/completions") == "no chat format: use /v1/completions"  # a route
     listing = guards.public({"base_model": "/data/base", "hp": {"dataset": "/home/u/d.jsonl"}, "n": 1}, False)
     assert listing == {"base_model": "base", "hp": {"dataset": "d.jsonl"}, "n": 1}
     assert guards.public({"p": "/a/b"}, True) == {"p": "/a/b"}

@@ -165,8 +165,9 @@ def text_problem(text: object, where: str, max_chars: int) -> TextProblem | None
 # Paths
 
 _PATH_LIKE = re.compile(r"^(?:/|~/|\./|\.\./|file://|[A-Za-z]:[\\/])")
-# An absolute path inside a message: at least two components, not part of a URL.
-_EMBEDDED_PATH = re.compile(r"(?<![\w/.:~-])(?:~|file://)?/(?:[^\s'\"/]+/)+[^\s'\",;:)\]}]*")
+# An absolute path inside a message: at least two components, not part of a URL, not one of this server's
+# routes (/v1/...), which messages name to say where to go instead.
+_EMBEDDED_PATH = re.compile(r"(?<![\w/.:~-])(?:~|file://)?/(?!v1/)(?:[^\s'\"/]+/)+[^\s'\",;:)\]}]*")
 
 
 def last_component(path: str) -> str:
