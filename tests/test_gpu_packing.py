@@ -132,7 +132,18 @@ def test_the_sweep_stops_with_one_line_when_the_gpu_memory_cannot_be_known(monke
 
 def _seed_sampling(ranks: list[int], pattern: list[int]) -> int:
     """A search seed whose first trials sample `pattern` (Tune asks Optuna for every concurrent trial at
-    once, before any result, so these come from TPE's seeded random start-up phase)."""
+    once, before any result, so these come from TPE's seeded random start-up phase). Optuna's log level,
+    which search.searcher lowers for the sweep's process, is left as it was for the other tests."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        return _first_seed_sampling(ranks, pattern)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _first_seed_sampling(ranks: list[int], pattern: list[int]) -> int:
     for seed in range(50):
         config = load_config(overrides={"search": {"num_samples": len(pattern), "r": ranks, "lora_alpha": [16],
                                                    "learning_rate": [3e-3], "target_modules": ["qv"], "seed": seed}})
