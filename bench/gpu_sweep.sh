@@ -2,6 +2,8 @@
 # A T5-3b sweep on one GPU (run through the device tool; bundle as in bench/gpu_smoke.sh):
 # the t5-3b-billsum preset with --random-init (no hub there) on the embedded corpus, Optuna + ASHA,
 # GPU utilization sampled every 2 s. GPUS_PER_TRIAL=0.5 runs two trials at once on the GPU.
+# LONG=1 trains on billsum-length documents (bench/long_documents.py: 1024 source / 128 target tokens
+# after truncation, the recipe's shapes) instead of the short docstring pairs.
 # Writes sweep.log, gpu_util.csv and summary.json under ${OUT:-bench/results/gpu_sweep}.
 set -uo pipefail
 out="${OUT:-bench/results/gpu_sweep}"; mkdir -p "$out"
@@ -11,7 +13,9 @@ date -u +%Y-%m-%dT%H:%M:%SZ >> "$out/device.txt"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 2 > "$out/gpu_util.csv" &
 smi=$!
 start=$(date +%s)
-python3 experiments/tune_t5.py --preset t5-3b-billsum --random-init --dataset embedded:stdlib-docstrings \
+dataset=embedded:stdlib-docstrings
+if [ "${LONG:-0}" = 1 ]; then dataset=/tmp/long-docs.jsonl; python3 bench/long_documents.py "$dataset" | tee "$out/dataset.txt"; fi
+python3 experiments/tune_t5.py --preset t5-3b-billsum --random-init --dataset "$dataset" \
   --output-dir /tmp/gpu-sweep --num-samples "${SAMPLES:-4}" --max-steps "${STEPS:-30}" --eval-every "${EVAL_EVERY:-10}" \
   --eval-size "${EVAL_SIZE:-8}" --gpus-per-trial "${GPUS_PER_TRIAL:-1}" > "$out/sweep.log" 2>&1
 rc=$?

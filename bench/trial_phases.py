@@ -53,6 +53,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--eval-size", type=int, default=8)
+    ap.add_argument("--eval-generation", choices=["auto", "engine", "generate"], default="auto",
+                    help="how ROUGE's summaries are generated (train.eval_generation)")
+    ap.add_argument("--compile", choices=["auto", "none", "blocks"], default="auto", help="train.compile")
+    ap.add_argument("--name", default="trial_phases", help="the result file's name (without .json)")
     args = ap.parse_args()
     phases: dict[str, float] = {"imports": imports}
 
@@ -60,7 +64,8 @@ def main() -> None:
     config = load_config("t5-3b-billsum", overrides={
         "model": {"random_init": True},
         "data": {"dataset": "embedded:stdlib-docstrings", "eval_size": args.eval_size},
-        "train": {"max_steps": args.steps, "eval_every": args.eval_every},
+        "train": {"max_steps": args.steps, "eval_every": args.eval_every, "eval_generation": args.eval_generation,
+                  "compile": args.compile},
     })
     prepared = sweep.prepare(config)
     phases["prepare (driver: data, model checks, tokenize)"] = time.perf_counter() - t
@@ -79,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         t = time.perf_counter()
         trainer = trial.build_trainer(model, tokenizer, prepared.data, config, work, HPARAMS["learning_rate"],
-                                      args.steps)
+                                      max_steps=args.steps)
         clock = Clock()
         trainer.add_callback(clock)
         phases["build_trainer"] = time.perf_counter() - t
@@ -104,16 +109,20 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "settings": {"preset": "t5-3b-billsum", "random_init": True, "dataset": "embedded:stdlib-docstrings",
                      "steps": args.steps, "eval_every": args.eval_every, "eval_size": args.eval_size,
-                     "batch_size": config.train.batch_size, "hparams": HPARAMS},
+                     "batch_size": config.train.batch_size, "hparams": HPARAMS,
+                     "eval_generation": args.eval_generation, "compile": args.compile},
         "seconds": {k: round(v, 2) for k, v in phases.items()},
         "step_s": [round(s, 3) for s in steps],
         "eval_s": [round(s, 2) for s in evals],
+        "eval_metrics": [{k: round(v, 5) for k, v in row.items() if k in ("step", "eval_loss", "eval_rougeL",
+                                                                        "eval_gen_len")}
+                         for row in trainer.state.log_history if "eval_loss" in row],
         "adapter_checkpoint_mb": round(adapter_mb, 1),
         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trial_phases.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

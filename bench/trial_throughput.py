@@ -236,6 +236,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="override the preset's (exploration; writes a separate file)")
     ap.add_argument("--gradient-checkpointing", choices=["none", "feed-forward", "full"],
                     help="override the preset's (exploration; writes a separate file)")
+    ap.add_argument("--compile", choices=["auto", "none", "blocks"],
+                    help="override the preset's train.compile (exploration; writes a separate file)")
     ap.add_argument("--project-only", action="store_true", help="skip the baseline and the loss check")
     ap.add_argument("--show", metavar="JSON", help="print the table of a saved result and exit (no GPU needed)")
     args = ap.parse_args()
@@ -246,7 +248,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     train = {k: v for k, v in (("batch_size", args.batch_size),
-                                ("gradient_checkpointing", args.gradient_checkpointing)) if v is not None}
+                                ("gradient_checkpointing", args.gradient_checkpointing),
+                                ("compile", args.compile)) if v is not None}
     config = load_config(args.preset, overrides={"model": {"random_init": True}, "train": train})
     name = "trial_throughput" + "".join(f"-{k}-{v}" for k, v in train.items())
     name += "-project" if args.project_only else ""
@@ -286,6 +289,7 @@ def main() -> None:
         "footprint_bytes": model.get_base_model().get_memory_footprint(),
         **param_counts(model),
         "gradient_checkpointing": config.train.gradient_checkpointing,
+        "compile": config.train.compile,
         "optim": config.train.optim,
         "compute_dtype": str(trial.compute_dtype(config.model)).removeprefix("torch."),
         "path": "qlora_ray.trial.build_model + build_trainer (what run_trial runs), preset " + args.preset

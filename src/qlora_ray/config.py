@@ -27,6 +27,7 @@ FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
 PROMPT_COMPLETION, MESSAGES, TEXT = "prompt-completion", "messages", "text"
 DATA_FORMATS = ("auto", PROMPT_COMPLETION, MESSAGES, TEXT)
 COMPILE = ("auto", "none", "blocks")
+EVAL_GENERATION = ("auto", "engine", "generate")
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,11 @@ class TrainSettings:
     # with feed-forward checkpointing (inductor fails on a compiled block holding a checkpointed one).
     compile: str = setting("auto", "torch.compile the decoder blocks' norms, attention and MLPs (auto: causal "
                            "models on a GPU)", choices=COMPILE)
+    # auto: the serving engine's decode step (qlora_ray.eval_generation; a CUDA graph per token on a GPU) where it
+    # gives generate()'s tokens: T5-family models, greedy. Otherwise transformers' generate().
+    eval_generation: str = setting("auto", "how evaluation generates the summaries ROUGE scores (auto: the serving "
+                                   "engine's decode step for T5 models with greedy decoding, else generate)",
+                                   choices=EVAL_GENERATION)
     num_beams: int = 1
     seed: int = 42
 
@@ -332,6 +338,10 @@ def validate(config: Config) -> None:
         t.compile = "blocks" if t.compile else "none"
     if t.compile not in COMPILE:
         raise ConfigError(f"compile must be one of {', '.join(COMPILE)}, got {t.compile!r}")
+    if t.eval_generation not in EVAL_GENERATION:
+        raise ConfigError(f"eval_generation must be one of {', '.join(EVAL_GENERATION)}, got {t.eval_generation!r}")
+    if t.eval_generation == "engine" and t.num_beams != 1:
+        raise ConfigError(f"eval_generation engine decodes greedily; num_beams is {t.num_beams} (use auto or generate)")
     if d.format not in DATA_FORMATS:
         raise ConfigError(f"data format must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}")
     check_data_format(config)

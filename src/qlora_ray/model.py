@@ -124,6 +124,10 @@ def prepare_for_training(model: nn.Module, settings: ModelSettings, gradient_che
 # launch overhead. Whole decoder layers compiled under gradient checkpointing hit an inductor partitioner
 # error ("Node ... was invalid, but is output", torch 2.11), so the parts are compiled one by one.
 _COMPILED_PARTS = ("RMSNorm", "MLP", "Attention")
+# T5: the whole feed-forward sublayer (norm, wi, ReLU, dropouts, wo, residual) and the attention sublayers'
+# norms. Not T5Attention: qlora_ray.attention caches the shared mask on the position-bias tensor, which
+# dynamo cannot trace.
+_COMPILED_T5_PARTS = ("T5LayerFF", "T5LayerNorm")
 
 
 def should_compile(setting: str, *, causal: bool, gradient_checkpointing: str) -> bool:
@@ -133,13 +137,21 @@ def should_compile(setting: str, *, causal: bool, gradient_checkpointing: str) -
 
 
 def compile_blocks(model: nn.Module) -> int:
-    """torch.compile each decoder layer's norms, attention and MLP in place (they share one compiled graph
-    per kind: modules are graph inputs). Returns how many modules were compiled."""
+    """torch.compile each block's parts in place (they share one compiled graph per kind: modules are graph
+    inputs), the outermost only where parts nest. Returns how many modules were compiled."""
     import torch._dynamo
 
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    parts = [m for m in model.modules() if type(m).__name__.endswith(_COMPILED_PARTS)]
+    config = getattr(model, "config", None)
+    t5 = getattr(config, "model_type", None) in POSITION_BIAS_MODELS
+    parts, inside = [], set()
+    for m in model.modules():  # parents come before their children
+        name = type(m).__name__
+        chosen = name in _COMPILED_T5_PARTS if t5 else name.endswith(_COMPILED_PARTS)
+        if chosen and id(m) not in inside:
+            parts.append(m)
+            inside.update(id(child) for child in m.modules())
     for m in parts:
         m.compile()
     return len(parts)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from datasets import DatasetDict
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -10,7 +13,8 @@ from transformers import (
     Seq2SeqTrainingArguments,
 )
 
-from qlora_ray.config import Config, DataSettings
+from qlora_ray import eval_generation
+from qlora_ray.config import Config, ConfigError, DataSettings
 from qlora_ray.data import TokenizedData, encode_splits
 from qlora_ray.metrics import seq2seq_rouge
 
@@ -43,7 +47,12 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, trainin
         label_names=["labels"],
     )
     train_ds, eval_ds = data.datasets()
-    return Seq2SeqTrainer(
+    engine = config.train.eval_generation != "generate" and eval_generation.supports(model, config.train.num_beams)
+    if config.train.eval_generation == "engine" and not engine:
+        raise ConfigError(f"eval_generation engine decodes T5-family models greedily, without generation-config "
+                          f"extras ({model.config.model_type}, num_beams {config.train.num_beams})")
+    return EvalTrainer(
+        engine_generation=engine,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -52,3 +61,38 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, trainin
         processing_class=tokenizer,
         compute_metrics=seq2seq_rouge(tokenizer),
     )
+
+
+class EvalTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer that evaluates eagerly (compiled blocks would recompile for every generation shape) and,
+    with engine_generation, generates through `eval_generation.GreedyT5Generator` (the serving engine's
+    decode step) instead of `generate`: the same tokens for a fraction of the launches. The loss, the labels
+    and the metrics are the parent's own."""
+
+    def __init__(self, *args, engine_generation: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine_generation = engine_generation
+
+    def evaluation_loop(self, *args, **kwargs):
+        generation = self._engine_generate() if self.engine_generation else contextlib.nullcontext()
+        with torch.compiler.set_stance("force_eager"), generation:
+            return super().evaluation_loop(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _engine_generate(self):
+        model = self.model
+        eval_ds = self.eval_dataset
+        longest = max((len(ids) for ids in eval_ds["input_ids"]), default=1) if eval_ds is not None else 1
+        max_length = self.args.generation_max_length or model.generation_config.max_length
+        generator = eval_generation.GreedyT5Generator(
+            model, max_rows=self.args.per_device_eval_batch_size, max_source=longest, max_new=max_length - 1)
+
+        def generate(input_ids=None, attention_mask=None, **kwargs):
+            assert kwargs.get("num_beams") in (None, 1) and kwargs.get("max_length") in (None, max_length), kwargs
+            return generator.generate(input_ids, attention_mask)  # no autocast, as generate() runs in evaluation
+
+        model.generate = generate  # the parent's prediction_step calls self.model.generate
+        try:
+            yield
+        finally:
+            del model.generate
