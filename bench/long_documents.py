@@ -28,7 +28,7 @@ def main() -> None:
     cache = Path(os.environ.get("QLORA_RAY_CACHE", "/tmp/qlora-ray-cache"))
     rows = [json.loads(line) for line in embedded.build_corpus(cache).read_text().splitlines()]
     docs = []
-    for (split, _module), group in groupby(sorted(rows, key=lambda r: (r["split"], r["module"])),
+    for _, group in groupby(sorted(rows, key=lambda r: (r["split"], r["module"])),
                                            key=lambda r: (r["split"], r["module"])):
         text, summary = [], []
         for row in group:

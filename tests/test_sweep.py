@@ -53,7 +53,9 @@ def test_a_default_run_prints_no_warnings_only_table_progress_and_leaderboard(sw
                                               "warnings.warn", "Traceback", "kernels-community", "Loading weights",
                                               "new study created", "snapshotting has been triggered",
                                               "Checkpoint successfully created"))]
-    assert not noisy, "\n".join(noisy[:20])
+    lines = output.splitlines()
+    first = next((i for i, line in enumerate(lines) if line in noisy), 0)
+    assert not noisy, "\n".join(noisy[:20]) + "\n--- in context:\n" + "\n".join(lines[max(0, first - 5):first + 40])
 
 
 def test_report_has_the_search_plots(sweep):

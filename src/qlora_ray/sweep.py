@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -105,7 +106,12 @@ def latest_experiment(config: Config) -> str:
 def run(prepared: Prepared, *, address: str | None = None) -> dict:
     config, s = prepared.config, prepared.config.search
     # Workers on a remote cluster do not inherit this process's environment: --verbose travels explicitly.
-    runtime_env = {"env_vars": {notices.VERBOSE_ENV: "1"}} if notices.verbose() else None
+    # A reused trial actor waits for its previous trial's thread to end (the base parked, memory freed): Tune
+    # gives it 2 s and otherwise errors the *next* trial, too short on a loaded machine.
+    env_vars = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")}
+    if notices.verbose():
+        env_vars[notices.VERBOSE_ENV] = "1"
+    runtime_env = {"env_vars": env_vars}
     context = ray.init(address=address, include_dashboard=True, log_to_driver=True, runtime_env=runtime_env)
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}  (trials appear under Jobs and Actors)")
