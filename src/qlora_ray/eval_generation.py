@@ -73,6 +73,11 @@ class GreedyT5Generator:
         self.seen = torch.zeros(max_rows, base.lm_head.out_features, dtype=torch.bool, device=self.device)
         self.use_graph = cuda_graph and self.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_out: torch.Tensor | None = None
+
+    def close(self) -> None:
+        """Let go of the static caches and the captured graph (and its memory pool)."""
+        self.graph = self.graph_out = self.runner = self.seen = None
 
     def _advance(self) -> torch.Tensor:
         """One token for every row: the greedy choice is written back as the next step's input."""

@@ -96,3 +96,6 @@ class EvalTrainer(Seq2SeqTrainer):
             yield
         finally:
             del model.generate
+            generator.close()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # back to the training steps (and to other trials on a shared GPU)
