@@ -74,21 +74,26 @@ class EvalTrainer(Seq2SeqTrainer):
         self.engine_generation = engine_generation
 
     def evaluation_loop(self, *args, **kwargs):
-        generation = self._engine_generate() if self.engine_generation else contextlib.nullcontext()
+        max_length = self.args.generation_max_length or self.model.generation_config.max_length
+        engine = self.engine_generation and max_length > 1  # (max_length 1: the start token, nothing to decode)
+        dataloader = args[0] if args else kwargs["dataloader"]  # what is evaluated now (evaluate(eval_dataset=))
+        generation = self._engine_generate(dataloader.dataset, max_length) if engine else contextlib.nullcontext()
         with torch.compiler.set_stance("force_eager"), generation:
             return super().evaluation_loop(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _engine_generate(self):
+    def _engine_generate(self, dataset, max_length: int):
         model = self.model
-        eval_ds = self.eval_dataset
-        longest = max((len(ids) for ids in eval_ds["input_ids"]), default=1) if eval_ds is not None else 1
-        max_length = self.args.generation_max_length or model.generation_config.max_length
+        sources = dataset["input_ids"]
+        rows = max(1, min(self.args.per_device_eval_batch_size, len(sources)))  # (no batch is larger)
         generator = eval_generation.GreedyT5Generator(
-            model, max_rows=self.args.per_device_eval_batch_size, max_source=longest, max_new=max_length - 1)
+            model, max_rows=rows, max_source=max(map(len, sources), default=1), max_new=max_length - 1)
+
+        original = model.generate
 
         def generate(input_ids=None, attention_mask=None, **kwargs):
-            assert kwargs.get("num_beams") in (None, 1) and kwargs.get("max_length") in (None, max_length), kwargs
+            if kwargs.get("num_beams") not in (None, 1) or kwargs.get("max_length") not in (None, max_length):
+                return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)  # not built for it
             return generator.generate(input_ids, attention_mask)  # no autocast, as generate() runs in evaluation
 
         model.generate = generate  # the parent's prediction_step calls self.model.generate
