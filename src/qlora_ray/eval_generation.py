@@ -134,18 +134,21 @@ class GreedyT5Generator:
         return self.graph_out
 
     def _capture(self):
+        # The warm-up and the capture run the step three times: the inputs are put back as they were after,
+        # also when capture fails (the caller then decodes eagerly from the same state).
         tokens, positions, seen = self.tokens.clone(), self.positions.clone(), self.seen.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graph capture requires
-            for _ in range(2):
-                self._advance()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._advance()
-        # The warm-up and the capture ran the step three times: put the inputs back as they were.
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.seen.copy_(seen)
-        return graph, out
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graph capture requires
+                for _ in range(2):
+                    self._advance()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._advance()
+            return graph, out
+        finally:
+            self.tokens.copy_(tokens)
+            self.positions.copy_(positions)
+            self.seen.copy_(seen)
