@@ -126,10 +126,10 @@ class TrainSettings:
     # with feed-forward checkpointing (inductor fails on a compiled block holding a checkpointed one).
     compile: str = setting("auto", "torch.compile the decoder blocks' norms, attention and MLPs (auto: causal "
                            "models on a GPU)", choices=COMPILE)
-    # auto: the serving engine's decode step (qlora_ray.eval_generation; a CUDA graph per token on a GPU) where it
-    # gives generate()'s tokens: T5-family models, greedy. Otherwise transformers' generate().
-    eval_generation: str = setting("auto", "how evaluation generates the summaries ROUGE scores (auto: the serving "
-                                   "engine's decode step for T5 models with greedy decoding, else generate)",
+    # auto: on a GPU, the serving engine's decode step (qlora_ray.eval_generation; a CUDA graph per token) where it
+    # gives generate()'s tokens: T5-family models, greedy. Otherwise (and on CPU) transformers' generate().
+    eval_generation: str = setting("auto", "how evaluation generates the summaries ROUGE scores (auto: on a GPU the "
+                                   "serving engine's decode step for T5 models with greedy decoding, else generate)",
                                    choices=EVAL_GENERATION)
     num_beams: int = 1
     seed: int = 42

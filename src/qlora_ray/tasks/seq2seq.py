@@ -47,7 +47,10 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, trainin
         label_names=["labels"],
     )
     train_ds, eval_ds = data.datasets()
-    engine = config.train.eval_generation != "generate" and eval_generation.supports(model, config.train.num_beams)
+    # auto: on a GPU only, where the captured step pays (on CPU it decodes eagerly, no faster than generate).
+    wanted = config.train.eval_generation == "engine" or (config.train.eval_generation == "auto"
+                                                           and torch.cuda.is_available())
+    engine = wanted and eval_generation.supports(model, config.train.num_beams)
     if config.train.eval_generation == "engine" and not engine:
         raise ConfigError(f"eval_generation engine decodes T5-family models greedily, without generation-config "
                           f"extras ({model.config.model_type}, num_beams {config.train.num_beams})")
