@@ -51,9 +51,9 @@ def setup(cache_dir, tmp_path_factory):
         with torch.no_grad():  # random adapters that change the output visibly
             for name, p in model.named_parameters():
                 if "lora_B" in name:
-                    p.mul_(0.3)
+                    p.mul_(1.0)
                 elif "modules_to_save" in name:
-                    p.add_(torch.randn_like(p) * 0.02)
+                    p.add_(torch.randn_like(p) * 0.05)
         model.save_pretrained(work / "src" / adapter_id)
         candidates.append(Candidate(adapter_id, work / "src" / adapter_id, {"rougeL": 0.1 * i}, {}, str(i), 1))
     registry = Registry(work / "registry")
