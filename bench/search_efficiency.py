@@ -64,8 +64,11 @@ def sweep(flags: list[str], out_dir: Path, log: Path) -> dict:
 
 
 def best_of(summary: dict, metric: str) -> float:
-    values = [row["best_of"][metric] for row in summary["leaderboard"] if row.get("best_of", {}).get(metric)
-              is not None]
+    """The best value any trial reached, over the evaluations of the whole eval set (with a growing eval set
+    a trial stopped at an early rung scored only its first examples: not comparable)."""
+    rows = [row["best_of"] for row in summary["leaderboard"] if row.get("best_of", {}).get(metric) is not None]
+    most = max((row.get("eval_examples", 0) for row in rows), default=0)
+    values = [row[metric] for row in rows if row.get("eval_examples", 0) == most]
     return max(values) if METRICS[metric] == "max" else min(values)
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from qlora_ray import eval_set
+from qlora_ray.registry import rank_key
+
 
 def test_sweep_runs_trials_and_reports_every_evaluation(sweep):
     summary = sweep["summary"]
@@ -81,16 +84,26 @@ def test_every_trial_is_an_mlflow_run(sweep):
         history = client.get_metric_history(run.info.run_id, "rougeL")
         trial = next(t for t in by_trial if t in run.info.run_name)
         assert len(history) == by_trial[trial]["evals"]  # one point per evaluation, as Tune got them
-        assert max(m.value for m in history) == pytest.approx(by_trial[trial]["best"]["rougeL"])
+        # The growing eval set (eval_set.py): a trial's best is its best evaluation of the whole set, or, stopped
+        # before one, its latest (partial) evaluation.
+        examples = [m.value for m in client.get_metric_history(run.info.run_id, "eval_examples")]
+        total = client.get_metric_history(run.info.run_id, "eval_examples_total")[0].value
+        assert len(examples) == len(history) and examples == sorted(examples) and examples[0] < total
+        full = [m.value for m, n in zip(history, examples, strict=True) if n == total]
+        expected = max(full) if full else history[-1].value
+        assert by_trial[trial]["best"]["rougeL"] == pytest.approx(expected)
 
 
 def test_registry_holds_top_k_adapters_only(sweep):
     index, registry = sweep["index"], sweep["out"] / "registry"
     assert len(index["adapters"]) == 3
     assert index["default"] == index["adapters"][0]["id"]
-    rouge = [a["metrics"]["rougeL"] for a in index["adapters"]]
-    assert rouge == sorted(rouge, reverse=True)
-    assert rouge[0] == max(r["best"]["rougeL"] for r in sweep["summary"]["leaderboard"])
+    # Best first: adapters scored on the whole eval set, then those stopped at a rung that scored part of it.
+    keys = [rank_key(a["metrics"], "rougeL", "max") for a in index["adapters"]]
+    assert keys == sorted(keys) and not eval_set.partial(index["adapters"][0]["metrics"])
+    board = sweep["summary"]["leaderboard"]
+    assert index["adapters"][0]["metrics"]["rougeL"] == board[0]["best"]["rougeL"]
+    assert board[0]["best"]["rougeL"] == max(r["best"]["rougeL"] for r in board if not eval_set.partial(r["best"]))
     assert set(index["base_metrics"]) >= {"rougeL", "rouge1", "rouge2", "eval_loss"}
     assert Path(index["base_model"]).is_dir()
     for entry in index["adapters"]:

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_ray import faults
+from qlora_ray import eval_set, faults
 from qlora_ray.adapter_check import CONFIG_FILE, WEIGHTS_FILE, AdapterInvalid, BaseSpec, check_adapter
 from qlora_ray.config import DataSettings, ModelSettings, TrainSettings
 
@@ -465,5 +465,12 @@ def finite_metrics(metrics: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in (metrics or {}).items()}
 
 
+def rank_key(metrics: dict, metric: str, mode: str) -> tuple:
+    """Sort key of an adapter's (or a trial's) metrics, best first: scored on the whole eval set before scored
+    on part of it (a growing eval set's early evaluation: other examples, and ASHA judged it the weaker),
+    then by the metric."""
+    return (eval_set.partial(metrics or {}), *metric_rank_key((metrics or {}).get(metric), mode))
+
+
 def _rank_key(entry: dict, metric: str, mode: str) -> tuple:
-    return metric_rank_key((entry.get("metrics") or {}).get(metric), mode)
+    return rank_key(entry.get("metrics"), metric, mode)

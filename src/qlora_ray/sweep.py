@@ -28,6 +28,7 @@ from qlora_ray.registry import (
     load_settings,
     make_adapter_id,
     metric_rank_key,
+    rank_key,
     task_settings,
 )
 from qlora_ray.trial import TRIAL_INFO, DoesNotFit, evaluate_base, run_trial
@@ -174,8 +175,10 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
             run_config=tune.RunConfig(
                 name=prepared.name,
                 storage_path=storage.root(config),
+                # Kept by eval_set.score: the metric of a full evaluation (a growing eval set's partial
+                # ones rank below every full one, the latest partial kept until a full one comes).
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=1, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
+                    num_to_keep=1, checkpoint_score_attribute="score", checkpoint_score_order=s.mode
                 ),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 progress_reporter=search.progress_reporter(config),
@@ -197,8 +200,10 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
     rows = _collect(results, config, packed.share if packed else (lambda hparams: resources["gpu"]))
     # Best first; a NaN or missing metric ranks last (NaN compares false both ways and would sort anywhere),
     # and a diverged trial after every healthy one, whatever it scored before its loss went NaN.
+    # With a growing eval set, a trial stopped before its full evaluation ranks after every one that had it
+    # (their scores are on different examples; ASHA judged it the weaker at its rung).
     ranked = sorted((r for r in rows if r["best"]),
-                    key=lambda r: (r["status"] == "diverged", metric_rank_key(r["best"].get(s.metric), s.mode)))
+                    key=lambda r: (r["status"] == "diverged", *rank_key(r["best"], s.metric, s.mode)))
     registry = Registry(config.registry_dir)
     # Recorded on each entry: how its base was loaded and how it was evaluated (serving uses the same).
     task = task_settings(config.data, num_beams=config.train.num_beams, base_model=prepared.model_path)
@@ -276,8 +281,9 @@ def _collect(results, config: Config, gpus_of=lambda hparams: None) -> list[dict
         metrics = result.metrics or {}
         checkpoint = result.get_best_checkpoint(s.metric, s.mode) if result.best_checkpoints else None
         best = None
-        if result.best_checkpoints:
-            best = min((m for _, m in result.best_checkpoints), key=lambda m: metric_rank_key(m.get(s.metric), s.mode))
+        if result.best_checkpoints:  # ordered as Tune kept them (sweeps from before "score": by the metric)
+            best = min((m for _, m in reversed(result.best_checkpoints)),  # (ties: the latest)
+                       key=lambda m: metric_rank_key(m.get("score", m.get(s.metric)), s.mode))
         evals = metrics.get("training_iteration", 0)
         if result.error:
             status = "error"
@@ -295,7 +301,9 @@ def _collect(results, config: Config, gpus_of=lambda hparams: None) -> list[dict
             "micro_batch_size": metrics.get("micro_batch_size"),
             "gpus": gpus_of(result.config),  # the trial's GPU share (what its resources asked Ray for)
             "oom_retries": metrics.get("oom_retries", 0),
-            "best": finite_metrics({k: best[k] for k in (*METRICS, "step") if k in best}) if best else None,
+            "best": finite_metrics({k: best[k] for k in (*METRICS, "step", "eval_examples", "eval_examples_total")
+                                  if k in best})
+            if best else None,
             "best_of": _best_of(result),
             "trial_s": round(float(metrics.get("time_total_s") or 0.0), 1),  # the trial's own run time
             "checkpoint": checkpoint,
@@ -305,12 +313,17 @@ def _collect(results, config: Config, gpus_of=lambda hparams: None) -> list[dict
 
 
 def _best_of(result) -> dict[str, float]:
-    """Each metric's best value over all of the trial's evaluations (its checkpoint is chosen by the sweep's
-    metric alone): what the trial reached for every objective, e.g. for bench/search_efficiency.py."""
+    """Each metric's best value over the trial's evaluations of the most examples it reached (its checkpoint
+    is chosen by the sweep's metric alone): what the trial reached for every objective, e.g. for
+    bench/search_efficiency.py."""
     frame = result.metrics_dataframe
     if frame is None or frame.empty:
         return {}
     out = {}
+    if "eval_examples" in frame and frame["eval_examples"].notna().any():
+        # A growing eval set: only the largest evaluations it reached compare (recorded with the values).
+        frame = frame[frame["eval_examples"] == frame["eval_examples"].max()]
+        out["eval_examples"] = int(frame["eval_examples"].iloc[0])
     for metric, mode in METRICS.items():
         if metric in frame:
             values = [float(v) for v in frame[metric] if v is not None and math.isfinite(float(v))]

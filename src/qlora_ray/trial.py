@@ -26,7 +26,7 @@ from ray import tune
 from transformers import AutoConfig, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as transformers_logging
 
-from qlora_ray import faults, memory, notices, tasks
+from qlora_ray import eval_set, faults, memory, notices, tasks
 from qlora_ray.config import METRICS, Config
 from qlora_ray.data import TokenizedData
 from qlora_ray.metrics import ROUGE_TYPES
@@ -94,7 +94,7 @@ def _train(model, tokenizer, hparams: dict, plan: BatchPlan, config: Config, dat
             plan = BatchPlan(**saved_plan) if saved_plan else plan  # (checkpoints from before OOM retries)
         while True:
             trainer = build_trainer(model, tokenizer, data, config, work_dir, hparams["learning_rate"], plan)
-            reporter = _ReportToTune(hparams, plan, setup_s=time.perf_counter() - started)
+            reporter = _ReportToTune(hparams, plan, config, setup_s=time.perf_counter() - started)
             trainer.add_callback(reporter)
             if injector := faults.trainer_callback(plan.micro_batch_size):
                 trainer.add_callback(injector)
@@ -125,8 +125,8 @@ def _train(model, tokenizer, hparams: dict, plan: BatchPlan, config: Config, dat
         if reporter.diverged_at is not None:
             # Marked and ended: NaN metrics rank the trial last; its earlier checkpoints are not published.
             nan = float("nan")
-            tune.report({key: nan for key in METRICS} | {"step": reporter.diverged_at, "train_loss": nan,
-                                                          "diverged": 1} | reporter.batch_metrics())
+            tune.report({key: nan for key in METRICS} | {"score": nan, "step": reporter.diverged_at,
+                                                          "train_loss": nan, "diverged": 1} | reporter.batch_metrics())
 
 
 class DoesNotFit(RuntimeError):
@@ -342,13 +342,15 @@ def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class _ReportToTune(TrainerCallback):
-    """Each evaluation becomes one Tune report (one ASHA rung step) with the Trainer's checkpoint.
+    """Each evaluation becomes one Tune report (one ASHA rung step) with the Trainer's checkpoint: the
+    metrics, how many eval examples they scored, and the `score` Tune keeps checkpoints by (eval_set.score).
 
     A non-finite training loss stops the trial before it evaluates or saves again.
     """
 
-    def __init__(self, hparams: dict, plan: BatchPlan, setup_s: float | None = None):
+    def __init__(self, hparams: dict, plan: BatchPlan, config: Config, setup_s: float | None = None):
         self.hparams, self.plan, self.setup_s = hparams, plan, setup_s
+        self.metric, self.mode = config.search.metric, config.search.mode
         self.train_loss: float | None = None
         self.pending: dict | None = None  # this step's evaluation, reported with its checkpoint
         self.last_checkpoint: str | None = None
@@ -368,7 +370,11 @@ class _ReportToTune(TrainerCallback):
                 control.should_evaluate = control.should_save = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.pending = _tune_metrics(metrics) | {"step": state.global_step} | self.batch_metrics()
+        scored = _tune_metrics(metrics)
+        examples, total = int(metrics["eval_examples"]), int(metrics["eval_examples_total"])
+        self.pending = scored | {"score": eval_set.score(scored, self.metric, self.mode, examples, total),
+                                 "eval_examples": examples, "eval_examples_total": total,
+                                 "step": state.global_step} | self.batch_metrics()
         if self.train_loss is not None:
             self.pending["train_loss"] = self.train_loss
 

@@ -36,6 +36,7 @@ from trl import SFTConfig, SFTTrainer
 
 from qlora_ray.config import MESSAGES, TEXT, Config, ConfigError, DataSettings
 from qlora_ray.data import TokenizedData, encode_splits, resolve_format
+from qlora_ray.eval_set import SchedulesEvalSet
 from qlora_ray.metrics import ROUGE_TYPES, rouge
 
 MODEL_CLASS = AutoModelForCausalLM
@@ -231,8 +232,9 @@ def _last_completion_start(mask: list[int]) -> int:
     return start
 
 
-class _SFTWithRouge(SFTTrainer):
-    """SFTTrainer whose evaluation also generates the eval completions and scores them with ROUGE."""
+class _SFTWithRouge(SchedulesEvalSet, SFTTrainer):
+    """SFTTrainer whose evaluation also generates the eval completions and scores them with ROUGE, on the
+    eval set's schedule (eval_set.SchedulesEvalSet)."""
 
     def __init__(self, *args, eval_rows: dict, max_new_tokens: int, generate: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -252,7 +254,11 @@ class _SFTWithRouge(SFTTrainer):
             return {key: math.nan for key in ROUGE_TYPES}
         tokenizer, model = self.processing_class, self.model
         prompts, references = [], []
-        for ids, mask in zip(self._eval_rows["input_ids"], self._eval_rows["completion_mask"], strict=True):
+        rows = len(self._eval_rows["input_ids"])
+        if self.eval_examples is not None:  # the same share of the rows as of the (maybe packed) loss dataset
+            rows = min(rows, math.ceil(rows * self.eval_examples[0] / len(self.eval_dataset)))
+        for ids, mask in zip(self._eval_rows["input_ids"][:rows], self._eval_rows["completion_mask"][:rows],
+                             strict=True):
             start = _last_completion_start(mask)
             prompts.append(ids[:start])
             references.append(tokenizer.decode(ids[start:], skip_special_tokens=True).strip())
@@ -290,4 +296,5 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, trainin
         eval_rows=data.eval,
         max_new_tokens=config.data.max_target_length,
         generate=data_format(config.data) != TEXT,
+        eval_schedule=config,
     )

@@ -16,6 +16,7 @@ from transformers import (
 from qlora_ray import eval_generation
 from qlora_ray.config import Config, ConfigError, DataSettings
 from qlora_ray.data import TokenizedData, encode_splits
+from qlora_ray.eval_set import SchedulesEvalSet
 from qlora_ray.metrics import seq2seq_rouge
 
 MODEL_CLASS = AutoModelForSeq2SeqLM
@@ -56,6 +57,7 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, trainin
                           f"extras ({model.config.model_type}, num_beams {config.train.num_beams})")
     return EvalTrainer(
         engine_generation=engine,
+        eval_schedule=config,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -66,11 +68,11 @@ def build_trainer(model, tokenizer, data: TokenizedData, config: Config, trainin
     )
 
 
-class EvalTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer that evaluates eagerly (compiled blocks would recompile for every generation shape) and,
-    with engine_generation, generates through `eval_generation.GreedyT5Generator` (the serving engine's
-    decode step) instead of `generate`: the same tokens for a fraction of the launches. The loss, the labels
-    and the metrics are the parent's own."""
+class EvalTrainer(SchedulesEvalSet, Seq2SeqTrainer):
+    """Seq2SeqTrainer whose evaluations score the eval set's schedule (eval_set.SchedulesEvalSet), eagerly
+    (compiled blocks would recompile for every generation shape) and, with engine_generation, generate
+    through `eval_generation.GreedyT5Generator` (the serving engine's decode step) instead of `generate`:
+    the same tokens for a fraction of the launches. The loss, the labels and the metrics are the parent's."""
 
     def __init__(self, *args, engine_generation: bool, **kwargs):
         super().__init__(*args, **kwargs)
