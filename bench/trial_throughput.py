@@ -144,14 +144,42 @@ class StepClock:
         self.last = now
 
 
-def trainer_callback(clock: StepClock):
+def trainer_callback(clock: StepClock, last: int):
     from transformers import TrainerCallback
 
     class _Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            clock(state.global_step - 1)
+            if state.global_step <= last:  # (profiled steps after these are not timed)
+                clock(state.global_step - 1)
 
     return _Clock()
+
+
+def profiler_callback(after: int, table: Path):
+    """torch.profiler over the steps after step `after`, to the end of training; the ops by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class _Profile(TrainerCallback):
+        prof = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == after:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.prof is not None:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                averages = self.prof.key_averages()
+                table.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+                                 + "\n\nby input shape:\n" + self.prof.key_averages(group_by_input_shape=True).table(
+                                     sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
+                print(f"profile -> {table}", flush=True)
+
+    return _Profile()
 
 
 def summarize(clock: StepClock, batch: int, flops_per_sample: float, peak_flops: float) -> dict:
@@ -239,6 +267,8 @@ def main() -> None:
     ap.add_argument("--compile", choices=["auto", "none", "blocks"],
                     help="override the preset's train.compile (exploration; writes a separate file)")
     ap.add_argument("--project-only", action="store_true", help="skip the baseline and the loss check")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile N project steps after the timed ones (torch.profiler; a table by GPU time)")
     ap.add_argument("--show", metavar="JSON", help="print the table of a saved result and exit (no GPU needed)")
     args = ap.parse_args()
     if args.show:
@@ -262,6 +292,8 @@ def main() -> None:
     peak = measured_bf16_peak()
     vocab = len(tokenizer)
     timed = args.warmup + args.steps
+    if args.profile:
+        name += "-profiled"
     result: dict = {
         "device": torch.cuda.get_device_name(0),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -277,13 +309,15 @@ def main() -> None:
 
     # Project: the sweep trial's own model and Trainer, with the preset's settings.
     batch = config.train.batch_size
-    examples = synthetic_examples(batch * timed, vocab, seed=100)
+    examples = synthetic_examples(batch * (timed + args.profile), vocab, seed=100)
     model = trial.build_model(model_dir, config, HPARAMS)
     clock = StepClock(args.warmup)
     with tempfile.TemporaryDirectory() as work:
         trainer = trial.build_trainer(model, tokenizer, as_data(examples), config, work, HPARAMS["learning_rate"],
-                                      max_steps=timed)
-        trainer.add_callback(trainer_callback(clock))
+                                      max_steps=timed + args.profile)
+        trainer.add_callback(trainer_callback(clock, timed))
+        if args.profile:
+            trainer.add_callback(profiler_callback(timed, out / f"{name}.txt"))
         trainer.train()
     result["project"] = summarize(clock, batch, fps, peak) | {
         "footprint_bytes": model.get_base_model().get_memory_footprint(),
