@@ -155,29 +155,42 @@ def trainer_callback(clock: StepClock, last: int):
     return _Clock()
 
 
-def profiler_callback(after: int, table: Path):
-    """torch.profiler over the steps after step `after`, to the end of training; the ops by GPU time."""
+def profiler_callback(after: int, steps: int, table: Path):
+    """torch.profiler over steps after+1 .. after+steps: the ops by GPU time, and how much of the window the
+    GPU was running kernels at all (the union of kernel intervals over the wall time; the rest it waited
+    on the host)."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
     class _Profile(TrainerCallback):
         prof = None
+        started = 0.0
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == after:
                 torch.cuda.synchronize()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.prof is not None:
+                self.started = time.perf_counter()
+            elif state.global_step == after + steps and self.prof is not None:
                 torch.cuda.synchronize()
+                wall = time.perf_counter() - self.started
                 self.prof.__exit__(None, None, None)
-                averages = self.prof.key_averages()
-                table.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
-                                 + "\n\nby input shape:\n" + self.prof.key_averages(group_by_input_shape=True).table(
-                                     sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
-                print(f"profile -> {table}", flush=True)
+                trace = table.with_suffix(".trace.json")
+                self.prof.export_chrome_trace(str(trace))
+                kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in json.loads(trace.read_text())["traceEvents"]
+                                 if e.get("cat") == "kernel" and "dur" in e)
+                busy, end = 0.0, -1.0
+                for a, b in kernels:  # the union of the kernels' intervals (µs)
+                    if b > end:
+                        busy += b - max(a, end)
+                        end = b
+                trace.unlink()  # (hundreds of MB)
+                summary = (f"{steps} steps, wall {wall:.3f} s, GPU running kernels {busy / 1e6:.3f} s "
+                           f"({busy / 1e6 / wall:.0%}), {len(kernels)} kernels\n\n")
+                table.write_text(summary + self.prof.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90))
+                print(f"profile: {summary.strip()} -> {table}", flush=True)
 
     return _Profile()
 
@@ -268,7 +281,8 @@ def main() -> None:
                     help="override the preset's train.compile (exploration; writes a separate file)")
     ap.add_argument("--project-only", action="store_true", help="skip the baseline and the loss check")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also profile N project steps after the timed ones (torch.profiler; a table by GPU time)")
+                    help="also profile N project steps after the timed ones (torch.profiler: a table by GPU time, "
+                         "and the share of the wall time the GPU ran kernels)")
     ap.add_argument("--show", metavar="JSON", help="print the table of a saved result and exit (no GPU needed)")
     args = ap.parse_args()
     if args.show:
@@ -317,7 +331,7 @@ def main() -> None:
                                       max_steps=timed + args.profile)
         trainer.add_callback(trainer_callback(clock, timed))
         if args.profile:
-            trainer.add_callback(profiler_callback(timed, out / f"{name}.txt"))
+            trainer.add_callback(profiler_callback(timed, args.profile, out / f"{name}.txt"))
         trainer.train()
     result["project"] = summarize(clock, batch, fps, peak) | {
         "footprint_bytes": model.get_base_model().get_memory_footprint(),
