@@ -109,6 +109,9 @@ def test_registry_holds_top_k_adapters_only(sweep):
     for entry in index["adapters"]:
         files = sorted(p.name for p in (registry / entry["id"]).iterdir())
         assert files == ["adapter_config.json", "adapter_model.safetensors", "qlora_ray.json"]
+        info = json.loads((registry / entry["id"] / "qlora_ray.json").read_text(),  # strict JSON: no -Infinity
+                          parse_constant=lambda c: pytest.fail(f"{c} in a qlora_ray.json"))
+        assert info["metrics"]["eval_examples"] <= info["metrics"]["eval_examples_total"]
         config = json.loads((registry / entry["id"] / "adapter_config.json").read_text())
         assert config["r"] == entry["hyperparameters"]["r"] and config["modules_to_save"] == ["lm_head"]
         with safe_open(str(registry / entry["id"] / "adapter_model.safetensors"), "pt") as f:

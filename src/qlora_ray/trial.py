@@ -382,7 +382,9 @@ class _ReportToTune(TrainerCallback):
         if self.pending is None:  # the Trainer's own save at the last step, without an evaluation
             return
         ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        info = {"hyperparameters": self.hparams, "metrics": self.pending, "batch": asdict(self.plan)}
+        # (score is Tune's bookkeeping, -inf after a partial evaluation: not JSON, not a metric)
+        metrics = {k: v for k, v in self.pending.items() if k != "score"}
+        info = {"hyperparameters": self.hparams, "metrics": metrics, "batch": asdict(self.plan)}
         (ckpt_dir / TRIAL_INFO).write_text(json.dumps(info, indent=2))
         tune.report(self.pending, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
         self.pending, self.last_checkpoint = None, str(ckpt_dir)
