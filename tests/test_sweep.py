@@ -46,6 +46,9 @@ def test_cli_prints_dashboard_table_and_leaderboard(sweep):
     assert "Leaderboard (rougeL, max)" in out and "base model" in out
     assert str(sweep["out"] / "registry") in out
     assert "Checkpoints in storage: " in out
+    # Trials ranked by part of the growing eval set say so, and only they.
+    partial = [r for r in sweep["summary"]["leaderboard"] if eval_set.partial(r["best"])]
+    assert out.count(" eval examples)") == len(partial)
 
 
 def test_a_default_run_prints_no_warnings_only_table_progress_and_leaderboard(sweep):

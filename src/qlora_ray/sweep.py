@@ -15,7 +15,7 @@ import ray
 import yaml
 from ray import tune
 
-from qlora_ray import notices, plots, search, storage, tasks, tracking
+from qlora_ray import eval_set, notices, plots, search, storage, tasks, tracking
 from qlora_ray.cluster import capacity, gpu_memory_gb
 from qlora_ray.config import METRICS, Config, ConfigError, check_data_format, merge
 from qlora_ray.data import TokenizedData, load_raw
@@ -386,6 +386,8 @@ def leaderboard(summary: dict, config: Config, index: dict) -> str:
             + (f"  (out of memory {row['oom_retries']}x: micro-batch {row['micro_batch_size']})"
                if row.get("oom_retries") else "")
             + (f"  (GPU share {row['gpus']:g})" if packed and row.get("gpus") else "")
+            + (f"  (scored on {m['eval_examples']} of {m['eval_examples_total']} eval examples)"
+               if eval_set.partial(m) else "")
         )
     for row in summary["failed"]:
         error, hp = row["error"] or "", row["hyperparameters"]
