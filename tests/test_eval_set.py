@@ -46,8 +46,11 @@ def test_partial_scores_rank_after_full_ones():
     ranked = sorted([partial_high, full_low, full_high], key=lambda m: rank_key(m, "rougeL", "max"))
     assert ranked == [full_high, full_low, partial_high]
     assert eval_set.score(full_low, "rougeL", "max", 64, 64) == 0.1
-    assert eval_set.score(partial_high, "rougeL", "max", 16, 64) == -math.inf
-    assert eval_set.score(partial_high, "eval_loss", "min", 16, 64) == math.inf
+    partial_score = eval_set.score(partial_high, "rougeL", "max", 16, 64)
+    assert math.isfinite(partial_score) and partial_score < eval_set.score(full_low, "rougeL", "max", 64, 64)
+    loss = {"eval_loss": 9.0}
+    assert 1e6 < eval_set.score(loss, "eval_loss", "min", 16, 64) < math.inf
+    assert eval_set.score(loss, "eval_loss", "min", 64, 64) == 9.0
     legacy = {"rougeL": 0.5}  # metrics from before the schedule existed: full
     assert rank_key(legacy, "rougeL", "max") < rank_key(partial_high, "rougeL", "max")
 

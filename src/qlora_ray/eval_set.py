@@ -1,6 +1,6 @@
 """How many held-out examples each evaluation scores: all of them, or a set that grows with the trial.
 
-With train.eval_set "growing", evaluation k of a trial's K scores the first ceil(k/K) of the eval set (at
+With train.eval_set "growing", evaluation k of a trial's K scores the first k/K of the eval set (rounded up, at
 least MIN_EXAMPLES; the last evaluation, and any evaluation outside training, scores all of it). ASHA
 compares trials at the same evaluation, so on the same examples, and a trial it stops at its first rung
 cost 1/K of a full evaluation to judge. Each report says how many examples it scored (`eval_examples`);
@@ -28,12 +28,16 @@ def examples_at(step: int, config: Config, total: int) -> int:
     return min(total, max(MIN_EXAMPLES, math.ceil(total * k / t.num_evals)))
 
 
+PARTIAL = 1e9  # what a partial evaluation's score gives up: below any full one, still finite (JSON, TensorBoard)
+
+
 def score(metrics: dict[str, float], metric: str, mode: str, examples: int, total: int) -> float:
-    """What a trial's checkpoints are kept and ranked by: the metric when the whole set was scored, else
-    below every such value (the latest partial evaluation is kept until a full one comes)."""
+    """What a trial's checkpoints are kept and ranked by: the metric when the whole set was scored, else the
+    metric moved PARTIAL the wrong way, below every full evaluation (so Tune keeps a trial's best full
+    evaluation, or before one its best partial one)."""
     if examples >= total:
         return metrics[metric]
-    return -math.inf if mode == "max" else math.inf
+    return metrics[metric] - PARTIAL if mode == "max" else metrics[metric] + PARTIAL
 
 
 def partial(metrics: dict) -> bool:

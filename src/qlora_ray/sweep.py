@@ -176,7 +176,7 @@ def run(prepared: Prepared, *, address: str | None = None) -> dict:
                 name=prepared.name,
                 storage_path=storage.root(config),
                 # Kept by eval_set.score: the metric of a full evaluation (a growing eval set's partial
-                # ones rank below every full one, the latest partial kept until a full one comes).
+                # ones rank below every full one).
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute="score", checkpoint_score_order=s.mode
                 ),

@@ -382,7 +382,7 @@ class _ReportToTune(TrainerCallback):
         if self.pending is None:  # the Trainer's own save at the last step, without an evaluation
             return
         ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        # (score is Tune's bookkeeping, -inf after a partial evaluation: not JSON, not a metric)
+        # (score is Tune's bookkeeping, eval_set.PARTIAL off after a partial evaluation: not a metric)
         metrics = {k: v for k, v in self.pending.items() if k != "score"}
         info = {"hyperparameters": self.hparams, "metrics": metrics, "batch": asdict(self.plan)}
         (ckpt_dir / TRIAL_INFO).write_text(json.dumps(info, indent=2))
