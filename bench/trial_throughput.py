@@ -280,6 +280,8 @@ def main() -> None:
     ap.add_argument("--compile", choices=["auto", "none", "blocks"],
                     help="override the preset's train.compile (exploration; writes a separate file)")
     ap.add_argument("--project-only", action="store_true", help="skip the baseline and the loss check")
+    ap.add_argument("--attention-dropout", type=float,
+                    help="exploration: T5's attention dropout instead of the model's (a recipe change)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile N project steps after the timed ones (torch.profiler: a table by GPU time, "
                          "and the share of the wall time the GPU ran kernels)")
@@ -308,6 +310,8 @@ def main() -> None:
     timed = args.warmup + args.steps
     if args.profile:
         name += "-profiled"
+    if args.attention_dropout is not None:
+        name += f"-attention-dropout-{args.attention_dropout:g}"
     result: dict = {
         "device": torch.cuda.get_device_name(0),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -325,6 +329,10 @@ def main() -> None:
     batch = config.train.batch_size
     examples = synthetic_examples(batch * (timed + args.profile), vocab, seed=100)
     model = trial.build_model(model_dir, config, HPARAMS)
+    if args.attention_dropout is not None:  # exploration: T5Attention passes its dropout to SDPA in training
+        for module in model.modules():
+            if type(module).__name__ == "T5Attention":
+                module.dropout = args.attention_dropout
     clock = StepClock(args.warmup)
     with tempfile.TemporaryDirectory() as work:
         trainer = trial.build_trainer(model, tokenizer, as_data(examples), config, work, HPARAMS["learning_rate"],
