@@ -279,11 +279,11 @@ def _collect(results, config: Config, gpus_of=lambda hparams: None) -> list[dict
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        checkpoint = result.get_best_checkpoint(s.metric, s.mode) if result.best_checkpoints else None
-        best = None
-        if result.best_checkpoints:  # ordered as Tune kept them (sweeps from before "score": by the metric)
-            best = min((m for _, m in reversed(result.best_checkpoints)),  # (ties: the latest)
-                       key=lambda m: metric_rank_key(m.get("score", m.get(s.metric)), s.mode))
+        checkpoint = best = None
+        if result.best_checkpoints:  # the one Tune kept by score (sweeps from before "score": by the metric)
+            checkpoint, best = min(reversed(result.best_checkpoints),  # (ties: the latest)
+                                   key=lambda kept: metric_rank_key(kept[1].get("score", kept[1].get(s.metric)),
+                                                                    s.mode))
         evals = metrics.get("training_iteration", 0)
         if result.error:
             status = "error"
