@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from qlora_ray import eval_set
-from qlora_ray.registry import rank_key
+from qlora_ray.registry import make_adapter_id, rank_key
 
 
 def test_sweep_runs_trials_and_reports_every_evaluation(sweep):
@@ -115,6 +115,11 @@ def test_registry_holds_top_k_adapters_only(sweep):
         info = json.loads((registry / entry["id"] / "qlora_ray.json").read_text(),  # strict JSON: no -Infinity
                           parse_constant=lambda c: pytest.fail(f"{c} in a qlora_ray.json"))
         assert info["metrics"]["eval_examples"] <= info["metrics"]["eval_examples_total"]
+        # The published checkpoint is the evaluation the leaderboard ranks the trial by.
+        row = next(r for r in sweep["summary"]["leaderboard"]
+                   if make_adapter_id(sweep["summary"]["sweep"], r["trial_id"]) == entry["id"])
+        assert info["metrics"]["step"] == row["best"]["step"]
+        assert info["metrics"]["rougeL"] == pytest.approx(row["best"]["rougeL"])
         config = json.loads((registry / entry["id"] / "adapter_config.json").read_text())
         assert config["r"] == entry["hyperparameters"]["r"] and config["modules_to_save"] == ["lm_head"]
         with safe_open(str(registry / entry["id"] / "adapter_model.safetensors"), "pt") as f:
