@@ -63,6 +63,24 @@ def sweep(flags: list[str], out_dir: Path, log: Path) -> dict:
     return summary
 
 
+HISTORY_KEYS = ("training_iteration", "step", "rougeL", "eval_loss", "eval_examples", "time_total_s")
+
+
+def histories(out_dir: Path) -> list[dict]:
+    """Every trial's evaluations (Tune's result.json lines): its hyperparameters and, per evaluation, the
+    metrics and the trial-seconds so far. From the grid these are the learning curves that a search with
+    early stopping could have seen (offline replays of schedulers: bench/search_replay.py)."""
+    out = []
+    for path in sorted(out_dir.rglob("result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("training_iteration")]
+        config = rows[0].get("config", {}) if rows else {}
+        if all(config.get(k) is not None for k in SPACE):
+            out.append({"hyperparameters": {k: config.get(k) for k in SPACE},
+                        "history": [{k: r.get(k) for k in HISTORY_KEYS} for r in rows]})
+    return out
+
+
 def best_of(summary: dict, metric: str) -> float:
     """The best value any trial reached, over the evaluations of the whole eval set (with a growing eval set
     a trial stopped at an early rung scored only its first examples: not comparable)."""
@@ -138,7 +156,8 @@ def main() -> None:
             doc["grid"] = {m: best_of(s, m) for m in METRICS} | {
                 "trial_seconds": s["trial_seconds"], "trials": s["trials"], "wall_s": s["wall_s"],
                 "trials_detail": [{"hyperparameters": r["hyperparameters"], "best_of": r["best_of"],
-                                   "trial_s": r["trial_s"]} for r in s["leaderboard"]]}
+                                   "trial_s": r["trial_s"]} for r in s["leaderboard"]],
+                "curves": histories(Path(tmp) / "grid")}
             save()
             print(f"grid: {json.dumps({k: v for k, v in doc['grid'].items() if k != 'trials_detail'})}", flush=True)
         for metric in [m.strip() for m in args.metrics.split(",") if m.strip()]:
