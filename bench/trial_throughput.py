@@ -282,6 +282,11 @@ def main() -> None:
     ap.add_argument("--project-only", action="store_true", help="skip the baseline and the loss check")
     ap.add_argument("--attention-dropout", type=float,
                     help="exploration: T5's attention dropout instead of the model's (a recipe change)")
+    ap.add_argument("--compile-attention", action="store_true",
+                    help="exploration: with compiled blocks, also compile T5's attention sublayers (projections, "
+                         "LoRA, norm, residual), the shared-mask SDPA call left eager (a graph break)")
+    ap.add_argument("--compile-mode", help="exploration: torch.compile mode for the compiled blocks, e.g. "
+                                           "reduce-overhead (CUDA graphs)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile N project steps after the timed ones (torch.profiler: a table by GPU time, "
                          "and the share of the wall time the GPU ran kernels)")
@@ -312,6 +317,21 @@ def main() -> None:
         name += "-profiled"
     if args.attention_dropout is not None:
         name += f"-attention-dropout-{args.attention_dropout:g}"
+    if args.compile_attention:
+        from transformers import AttentionInterface
+
+        from qlora_ray import attention
+        from qlora_ray import model as model_parts
+
+        model_parts._COMPILED_T5_PARTS = (*model_parts._COMPILED_T5_PARTS, "T5LayerSelfAttention",
+                                          "T5LayerCrossAttention")
+        AttentionInterface.register(attention.SHARED_BIAS_SDPA,
+                                    torch.compiler.disable(attention.shared_bias_sdpa_forward))
+        name += "-compile-attention"
+    if args.compile_mode:
+        module_compile = torch.nn.Module.compile
+        torch.nn.Module.compile = lambda self, *a, **k: module_compile(self, *a, **{**k, "mode": args.compile_mode})
+        name += f"-mode-{args.compile_mode}"
     result: dict = {
         "device": torch.cuda.get_device_name(0),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
