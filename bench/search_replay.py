@@ -45,15 +45,24 @@ class Setting:
     reduction_factor: int = 3
     grace_period: int = 1
     startup: int | None = None  # TPE's random trials first; None: the sweep's rule
-    multivariate: bool = False
+    multivariate: bool = False  # TPE only
+    sampler: str = "tpe"  # tpe (the sweep's), gp (Optuna's Gaussian-process sampler), random
     concurrency: int = 2
 
     def startup_trials(self) -> int:  # qlora_ray.search.searcher's rule
         return self.startup if self.startup is not None else max(2, min(10, self.num_samples // 3))
 
     def label(self) -> str:
-        return (f"n={self.num_samples} rf={self.reduction_factor} grace={self.grace_period} "
+        return (f"{self.sampler} n={self.num_samples} rf={self.reduction_factor} grace={self.grace_period} "
                 f"startup={self.startup_trials()}{' multivariate' if self.multivariate else ''}")
+
+    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        if self.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=self.startup_trials())
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.startup_trials(),
+                                          multivariate=self.multivariate)
 
 
 def gain(value: float, base: float, metric: str) -> float:
@@ -74,8 +83,7 @@ def replay(curves: dict, space: dict, metric: str, setting: Setting, seed: int, 
            best_over: str) -> tuple[float, float]:
     """One search; (its best value, its trial-seconds)."""
     sign = 1.0 if METRICS[metric] == "max" else -1.0  # ASHA compares sign * value, larger is better
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=setting.startup_trials(),
-                                         multivariate=setting.multivariate)
+    sampler = setting.make_sampler(seed)
     study = optuna.create_study(direction="maximize" if sign > 0 else "minimize", sampler=sampler)
     lrs = sorted(space["learning_rate"])
     dists = {"r": optuna.distributions.CategoricalDistribution(space["r"]),
@@ -136,13 +144,24 @@ def main() -> None:
                     help="the search's best: over trials that ran to the end (a growing eval set: only their "
                          "last evaluation is of the whole set) or over every evaluation (the whole set each time)")
     ap.add_argument("--out", help="write the table as JSON here")
+    ap.add_argument("--sampler", default="tpe", help="tpe, gp, random (comma-separated: each)")
+    ap.add_argument("--num-samples", default="8", help="e.g. 8,12")
+    ap.add_argument("--reduction-factor", default="3")
+    ap.add_argument("--grace-period", default="1")
+    ap.add_argument("--startup", default="2", help="random trials before the model-based sampler")
+    ap.add_argument("--multivariate", default="0", help="TPE's multivariate mode: 0, 1 or 0,1")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     doc = json.loads(Path(args.results).read_text())
     grid, base, space = doc["grid"], doc["base"], doc["space"]
     curves = {key(c["hyperparameters"]): c["history"] for c in grid["curves"]}
-    settings = [Setting()] + [Setting(num_samples=n, reduction_factor=rf, startup=st, multivariate=mv)
-                              for n in (8, 12, 16) for rf in (3, 4) for st in (2, 4) for mv in (False, True)]
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    settings = [Setting()] + [Setting(num_samples=n, reduction_factor=rf, grace_period=g, startup=st,
+                                      multivariate=bool(mv), sampler=sampler)
+                              for sampler in args.sampler.split(",") for n in ints(args.num_samples)
+                              for rf in ints(args.reduction_factor) for g in ints(args.grace_period)
+                              for st in ints(args.startup) for mv in ints(args.multivariate)
+                              if not (mv and sampler != "tpe")]
     settings = list(dict.fromkeys(settings))
     table = []
     for metric in [m.strip() for m in args.metrics.split(",") if m.strip()]:
