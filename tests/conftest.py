@@ -54,6 +54,8 @@ def sweep(custom_jsonl, tmp_path_factory) -> dict:
         "--learning-rate", "1e-3:8e-3", "--target-modules", "qv,all-linear", "--top-k", "3",
         # Its own Ray even when another instance runs on the machine (plain ray.init() would join that one).
         "--address", "local", "--mlflow", f"sqlite:///{out}/mlflow.db",
+        # Not the default: trials stopped at a rung then ranked on part of the eval set, a path the tests check.
+        "--eval-set", "growing",
     )
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -66,7 +66,7 @@ class _Seen(TrainerCallback):
 def _trainer(preset: str | None, eval_size: int, work_dir: str):
     config = load_config(preset, overrides={
         "data": {"eval_size": eval_size, "train_size": 16, "max_target_length": 12},
-        "train": {"max_steps": 4, "eval_every": 1, "batch_size": 4, "eval_batch_size": 16}})
+        "train": {"max_steps": 4, "eval_every": 1, "batch_size": 4, "eval_batch_size": 16, "eval_set": "growing"}})
     path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(path, config.model)
     model = trial.build_model(path, config, HPARAMS)
