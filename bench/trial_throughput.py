@@ -265,6 +265,18 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def sdpa_backend(choice: str | None):
+    """Restrict SDPA to one kernel (exploration), or leave PyTorch's choice."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if choice is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel([{"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                         "flash": SDPBackend.FLASH_ATTENTION}[choice]])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results")
@@ -287,6 +299,8 @@ def main() -> None:
                          "LoRA, norm, residual), the shared-mask SDPA call left eager (a graph break)")
     ap.add_argument("--compile-mode", help="exploration: torch.compile mode for the compiled blocks, e.g. "
                                            "reduce-overhead (CUDA graphs)")
+    ap.add_argument("--sdpa-backend", choices=["efficient", "cudnn", "flash"],
+                    help="exploration: the only SDPA kernel the project's steps may use")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile N project steps after the timed ones (torch.profiler: a table by GPU time, "
                          "and the share of the wall time the GPU ran kernels)")
@@ -328,6 +342,8 @@ def main() -> None:
         AttentionInterface.register(attention.SHARED_BIAS_SDPA,
                                     torch.compiler.disable(attention.shared_bias_sdpa_forward))
         name += "-compile-attention"
+    if args.sdpa_backend:
+        name += f"-sdpa-{args.sdpa_backend}"
     if args.compile_mode:
         module_compile = torch.nn.Module.compile
         torch.nn.Module.compile = lambda self, *a, **k: module_compile(self, *a, **{**k, "mode": args.compile_mode})
@@ -360,7 +376,8 @@ def main() -> None:
         trainer.add_callback(trainer_callback(clock, timed))
         if args.profile:
             trainer.add_callback(profiler_callback(timed, args.profile, out / f"{name}.txt"))
-        trainer.train()
+        with sdpa_backend(args.sdpa_backend):
+            trainer.train()
     result["project"] = summarize(clock, batch, fps, peak) | {
         "footprint_bytes": model.get_base_model().get_memory_footprint(),
         **param_counts(model),
