@@ -36,14 +36,19 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from qlora_ray.config import SearchSettings
+
 METRICS = {"rougeL": "max", "eval_loss": "min"}
+
+
+DEFAULTS = SearchSettings()  # the sweep's defaults: Setting() replays the default search
 
 
 @dataclass(frozen=True)
 class Setting:
-    num_samples: int = 8
-    reduction_factor: int = 3
-    grace_period: int = 1
+    num_samples: int = DEFAULTS.num_samples
+    reduction_factor: int = DEFAULTS.reduction_factor
+    grace_period: int = DEFAULTS.grace_period
     startup: int | None = None  # TPE's random trials first; None: the sweep's rule
     multivariate: bool = False  # TPE only
     sampler: str = "tpe"  # tpe (the sweep's), gp (Optuna's Gaussian-process sampler), random
@@ -162,7 +167,7 @@ def main() -> None:
                               for rf in ints(args.reduction_factor) for g in ints(args.grace_period)
                               for st in ints(args.startup) for mv in ints(args.multivariate)
                               if not (mv and sampler != "tpe")]
-    settings = list(dict.fromkeys(settings))
+    settings = list({setting.label(): setting for setting in reversed(settings)}.values())[::-1]  # the first of a label
     table = []
     for metric in [m.strip() for m in args.metrics.split(",") if m.strip()]:
         grid_gain = gain(grid[metric], base[metric], metric)
