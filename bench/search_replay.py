@@ -1,6 +1,6 @@
 """Replay search settings offline on a grid's learning curves: which defaults could meet the search goal?
 
-    python bench/search_replay.py bench/results/search_efficiency-full_eval.json --seeds 200
+    python bench/search_replay.py bench/results/search_efficiency.json --seeds 200
 
 A real search (bench/search_efficiency.py) costs minutes per seed; five seeds say little about a
 setting's spread. Here every configuration's learning curve comes from the grid (each trial's
