@@ -29,6 +29,7 @@ from transformers.utils import logging as transformers_logging
 from qlora_ray import eval_set, faults, memory, notices, tasks
 from qlora_ray.config import METRICS, Config
 from qlora_ray.data import TokenizedData
+from qlora_ray.devices import device_note, trial_id
 from qlora_ray.metrics import ROUGE_TYPES
 from qlora_ray.model import (
     compile_blocks,
@@ -69,6 +70,7 @@ def run_trial(hparams: dict, *, config: Config, data: TokenizedData, model_path:
     plan = plan_to_fit(model_path, config, hparams)
     tokenizer = load_tokenizer(model_path, config.model)
     model = build_model(model_path, config, hparams, warm=True)
+    print(device_note(model, role="trial", trial_id=trial_id()), flush=True)  # its GPU, for bench/multi_gpu.sh
     try:
         _train(model, tokenizer, hparams, plan, config, data, started)
     finally:  # also when ASHA stops the trial (its thread exits inside tune.report) or it fails

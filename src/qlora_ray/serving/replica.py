@@ -20,6 +20,7 @@ from ray.serve import metrics
 
 from qlora_ray.adapter_check import AdapterInvalid, BaseSpec, check_adapter
 from qlora_ray.config import ConfigError, ModelSettings
+from qlora_ray.devices import device_note, replica_id
 from qlora_ray.model import load_base_model, load_tokenizer
 from qlora_ray.registry import INDEX, Registry, RegistryError, entry_load, entry_task
 from qlora_ray.serving.adapter_store import AdapterRejected, AdapterStore
@@ -104,6 +105,8 @@ class AdapterModel:
             dtype = torch.bfloat16 if torch.cuda.is_available() else dtype
             dequantize(model, dtype)
         device = next(p for p in model.parameters() if p.is_floating_point()).device
+        logger.info(device_note(  # which GPU this replica is on (bench/multi_gpu.sh reads it)
+            model, role="replica", replica_id=replica_id()))
         self.model = model
         self.vocab_size = model.get_input_embeddings().num_embeddings
         tasks = [entry_task(self.index, e) for e in self.index.get("adapters", [])] + [self.index.get("task") or {}]
