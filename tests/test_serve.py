@@ -35,11 +35,13 @@ SOURCES = [
 SERVE_ARGS = {"max_adapters_per_replica": 2, "max_batch_size": 4, "max_queued_requests": 16}
 
 # `serve run` on a Ray instance of its own (address "local": never another session's), with a
-# known metrics port. SIGINT shuts Serve down, and Ray with it: this process started it.
+# known metrics port and the GPUs Ray detects, or as many as asked for (test_multi_gpu declares 2 on
+# a CPU machine: only a resource, the replicas still run on the CPU). SIGINT shuts Serve down, and
+# Ray with it: this process started it.
 LAUNCH = """
-import sys, ray
+import json, sys, ray
 from ray.serve.scripts import cli
-ray.init(address="local", namespace="serve", include_dashboard=False, num_cpus=4,
+ray.init(address="local", namespace="serve", include_dashboard=False, num_cpus=4, num_gpus=json.loads(sys.argv[3]),
          _metrics_export_port=int(sys.argv[2]))
 cli.main(["run", sys.argv[1]], prog_name="serve")
 """
@@ -59,8 +61,8 @@ def free_ports(n: int) -> list[int]:
 class ServeApp:
     """`serve run` of the project's app (import path serve:build) in a subprocess."""
 
-    def __init__(self, registry: Path, workdir: Path, args: dict):
-        self.registry, self.workdir, self.args = registry, workdir, args
+    def __init__(self, registry: Path, workdir: Path, args: dict, *, num_gpus: int | None = None):
+        self.registry, self.workdir, self.args, self.num_gpus = registry, workdir, args, num_gpus
         self.port, self.metrics_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "serve.log"
@@ -77,8 +79,9 @@ class ServeApp:
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ, RAY_DEDUP_LOGS="0")
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(path), str(self.metrics_port)], cwd=ROOT,
-                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            launch = [sys.executable, "-c", LAUNCH, str(path), str(self.metrics_port), json.dumps(self.num_gpus)]
+            self.proc = subprocess.Popen(launch, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
